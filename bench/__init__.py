@@ -1,0 +1,1 @@
+"""bench: the benchmark machinery of esgd-bench: optimizer registry, runner, timing, results, reports."""

@@ -1,0 +1,208 @@
+"""ESGD-M: equilibrated SGD with quasi-hyperbolic momentum.
+
+Follows shared/ESGD-M.md: the preconditioner of ESGD (Dauphin, de Vries & Bengio, "Equilibrated adaptive
+learning rates for non-convex optimization", NeurIPS 2015), an EMA of squared Hessian-vector products with
+Rademacher probes, combined with the quasi-hyperbolic momentum of Ma & Yarats (ICLR 2019), bias
+corrections as in Adam, an exponential learning-rate warmup and decoupled weight decay.
+
+The update is behind one functional entry point, :func:`esgd_m`, with a single-tensor kernel kept as the
+readable reference and a multi-tensor (``torch._foreach_*``) kernel used by default.  Between HVP steps the
+denominator ``sqrt(d) / sqrt(1 - b2) + eps`` cannot change, so it is kept in the state and a plain step
+touches only ``m``, the gradient and the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from ._base import HessianOptimizer, check_range
+
+__all__ = ["ESGD", "esgd_m"]
+
+
+class ESGD(HessianOptimizer):
+    r"""ESGD-M: a stochastic second-order optimizer preconditioned by an estimate of diag(|H|).
+
+    .. math::
+        \begin{aligned}
+            &m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad b_{1,t} = \beta_1^t, \qquad w_t = \rho^t \\
+            &\textbf{on an HVP step } (z \sim \text{Rademacher}):\;
+                d \leftarrow \beta_2 d + (1-\beta_2) (H_t z)^2, \quad b_2 \leftarrow \beta_2 b_2 \\
+            &\text{denom} = \sqrt{d} / \sqrt{1 - b_2} + \epsilon, \qquad
+                \eta_t = \text{lr} \cdot (1 - w_t) \\
+            &\hat m_t = \nu m_t + (1-\nu) g_t, \qquad c_t = 1 - b_{1,t} \nu \\
+            &\theta_t = \theta_{t-1} (1 - \lambda \eta_t) - \eta_t \, \hat m_t / (c_t \, \text{denom})
+        \end{aligned}
+
+    where :math:`\rho` is ``lr_warmup``, :math:`\nu` is ``v`` and :math:`\lambda` is ``weight_decay``.
+    A step is an HVP step while fewer than ``d_warmup`` steps are done, and then every
+    ``update_d_every`` steps; the training loop must build the gradient's graph on those steps::
+
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward(create_graph=opt.should_create_graph())
+        opt.step()
+
+    Args:
+        params: parameters or parameter groups (``lr``, ``betas``, ``v``, ``lr_warmup``, ``eps`` and
+            ``weight_decay`` may differ per group).
+        lr: learning rate (default 1; useful values are roughly 1e-3 to 1).
+        betas: decay of the gradient EMA and of the squared Hessian-diagonal EMA.
+        v: quasi-hyperbolic immediate discount; ``None`` means ``betas[0]`` (Nesterov momentum),
+            ``1`` plain momentum; QHM's recommendation is ``betas=(0.999, 0.999), v=0.7``.
+        lr_warmup: exponential warmup, the step size is ``lr * (1 - lr_warmup ** t)``; 0 disables it.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay, scaled by the current step size.
+        update_d_every: steps between Hessian-vector products after the warmup.
+        d_warmup: number of first steps that all compute a Hessian-vector product.
+        generator: optional ``torch.Generator`` for the probes (same seed, same trajectory).
+        foreach: use the multi-tensor kernel (default ``True``); ``False`` selects the reference loop.
+
+    A parameter that first receives a gradient on a step without a product has no curvature estimate
+    yet; its momentum is updated but the parameter is left unchanged until its first HVP step.
+    """
+
+    probe = "rademacher"
+
+    def __init__(self, params: Iterable, lr: float = 1, betas: tuple[float, float] = (0.9, 0.999),
+                 v: float | None = None, lr_warmup: float = 0.99, eps: float = 1e-4,
+                 weight_decay: float = 0., update_d_every: int = 10, d_warmup: int = 20, *,
+                 generator: torch.Generator | None = None, foreach: bool | None = None) -> None:
+        _validate(lr, betas, v, lr_warmup, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps,
+                        weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults, update_d_every=update_d_every, d_warmup=d_warmup,
+                         generator=generator)
+        for group in self.param_groups:
+            _validate(group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"],
+                      group["weight_decay"])
+
+    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            v = beta1 if group["v"] is None else group["v"]
+            params, grads, exp_avgs, exp_avg_d_sqs, denoms = [], [], [], [], []
+            group_hvps, step_sizes, corrs, sqrt_bc2s = [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_d_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["denom"] = torch.full_like(p, math.inf, memory_format=torch.preserve_format)
+                    state["beta1_accum"] = 1.0
+                    state["beta2_accum"] = 1.0
+                    state["lr_accum"] = 1.0
+                    state["denom_eps"] = group["eps"]
+                state["beta1_accum"] *= beta1
+                state["lr_accum"] *= group["lr_warmup"]
+                if hvp_step:
+                    state["beta2_accum"] *= beta2
+                    group_hvps.append(hvps[p])
+                elif state["denom_eps"] != group["eps"] and state["beta2_accum"] < 1.0:
+                    # eps changed since the last product: rebuild the cached denominator once.
+                    bc2 = math.sqrt(1 - state["beta2_accum"])
+                    state["denom"] = state["exp_avg_d_sq"].sqrt().div_(bc2).add_(group["eps"])
+                state["denom_eps"] = group["eps"]
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_d_sqs.append(state["exp_avg_d_sq"])
+                denoms.append(state["denom"])
+                step_sizes.append(group["lr"] * (1 - state["lr_accum"]))
+                corrs.append(1 - state["beta1_accum"] * v)
+                sqrt_bc2s.append(math.sqrt(1 - state["beta2_accum"]))
+            if not params:
+                continue
+            new_denoms = esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms,
+                                group_hvps if hvp_step else None, step_sizes=step_sizes, corrs=corrs,
+                                sqrt_bias_corrections2=sqrt_bc2s, beta1=beta1, beta2=beta2, v=v,
+                                eps=group["eps"], weight_decay=group["weight_decay"],
+                                foreach=group["foreach"])
+            for p, d in zip(params, new_denoms):
+                self.state[p]["denom"] = d
+
+
+def _validate(lr, betas, v, lr_warmup, eps, weight_decay) -> None:
+    check_range("lr", lr, 0.0, math.inf)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    check_range("beta1 (betas[0])", betas[0], 0.0, 1.0)
+    check_range("beta2 (betas[1])", betas[1], 0.0, 1.0)
+    check_range("v", v, 0.0, 1.0, high_open=False, allow_none=True)
+    check_range("lr_warmup", lr_warmup, 0.0, 1.0)
+    check_range("eps", eps, 0.0, math.inf)
+    check_range("weight_decay", weight_decay, 0.0, math.inf)
+
+
+def esgd_m(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_d_sqs: list[Tensor],
+           denoms: list[Tensor], hvps: list[Tensor] | None, *, step_sizes: list[float], corrs: list[float],
+           sqrt_bias_corrections2: list[float], beta1: float, beta2: float, v: float, eps: float,
+           weight_decay: float, foreach: bool | None = None) -> list[Tensor]:
+    """Functional ESGD-M update of one parameter group; see :class:`ESGD` for the maths.
+
+    The per-parameter scalars (``step_sizes``, ``corrs``, ``sqrt_bias_corrections2``) are already
+    advanced to this step.  ``hvps`` is ``None`` on a step without a product, in which case ``denoms``
+    are used as they are.  Returns the denominators to keep for the next step.
+    """
+    if foreach is None:
+        foreach = True
+    fn = _multi_tensor_esgd_m if foreach and not torch.jit.is_scripting() else _single_tensor_esgd_m
+    return fn(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, step_sizes=step_sizes, corrs=corrs,
+              sqrt_bias_corrections2=sqrt_bias_corrections2, beta1=beta1, beta2=beta2, v=v, eps=eps,
+              weight_decay=weight_decay)
+
+
+def _single_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *, step_sizes, corrs,
+                          sqrt_bias_corrections2, beta1, beta2, v, eps, weight_decay):
+    new_denoms = []
+    for i, p in enumerate(params):
+        g, m = grads[i], exp_avgs[i]
+        m.lerp_(g, 1 - beta1)
+        denom = denoms[i]
+        if hvps is not None:
+            h, d = hvps[i], exp_avg_d_sqs[i]
+            d.mul_(beta2).addcmul_(h, h, value=1 - beta2)
+            denom = d.sqrt().div_(sqrt_bias_corrections2[i]).add_(eps)
+        new_denoms.append(denom)
+        if weight_decay != 0:
+            p.mul_(1 - weight_decay * step_sizes[i])
+        numerator = m if v == 1 else torch.lerp(g, m, v)
+        p.addcdiv_(numerator, denom, value=-step_sizes[i] / corrs[i])
+    return new_denoms
+
+
+def _multi_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *, step_sizes, corrs,
+                         sqrt_bias_corrections2, beta1, beta2, v, eps, weight_decay):
+    # One device is guaranteed by the optimizer; foreach kernels still need one dtype per call.
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    new_denoms: list[Tensor | None] = [None] * len(params)
+    for idx in by_dtype.values():
+        ps = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        ms = [exp_avgs[i] for i in idx]
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        if hvps is not None:
+            hs = [hvps[i] for i in idx]
+            ds = [exp_avg_d_sqs[i] for i in idx]
+            torch._foreach_mul_(ds, beta2)
+            torch._foreach_addcmul_(ds, hs, hs, value=1 - beta2)
+            dens = torch._foreach_sqrt(ds)
+            torch._foreach_div_(dens, [sqrt_bias_corrections2[i] for i in idx])
+            torch._foreach_add_(dens, eps)
+        else:
+            dens = [denoms[i] for i in idx]
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, [1 - weight_decay * step_sizes[i] for i in idx])
+        numerators = ms if v == 1 else torch._foreach_lerp(gs, ms, v)
+        torch._foreach_addcdiv_(ps, numerators, dens, [-step_sizes[i] / corrs[i] for i in idx])
+        for j, i in enumerate(idx):
+            new_denoms[i] = dens[j]
+    return new_denoms
