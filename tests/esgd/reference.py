@@ -1,0 +1,124 @@
+"""Independent references for the optimizers, written from the formulas of shared/ESGD-M.md.
+
+Plain Python loops over parameters, Python-float bookkeeping, and Hessian-vector products taken from the
+explicit Hessian (``torch.autograd.functional.hessian`` of a flat parameter vector), so nothing here shares
+code with the package under test.  The probes are the ones the optimizer drew (recorded), since the
+comparison is of the update rule, not of the random numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DTYPE = torch.float64
+SHAPES = [(4, 3), (4,), (2, 4)]
+
+
+def make_data(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 3, generator=gen, dtype=DTYPE)
+    y = torch.randn(16, 2, generator=gen, dtype=DTYPE)
+    init = [torch.randn(s, generator=gen, dtype=DTYPE) * 0.5 for s in SHAPES]
+    return x, y, init
+
+
+def loss_fn(params, x, y, t: int, scale: float = 1.0):
+    """A small tanh network on a minibatch that changes with the step t (deterministically)."""
+    w1, b1, w2 = params
+    rows = slice((t % 4) * 4, (t % 4) * 4 + 4)
+    return scale * ((torch.tanh(x[rows] @ w1.T + b1) @ w2.T - y[rows]) ** 2).mean()
+
+
+def flat_hessian(params, x, y, t, scale=1.0):
+    sizes = [p.numel() for p in params]
+
+    def f(flat):
+        parts = torch.split(flat, sizes)
+        return loss_fn([q.view(p.shape) for q, p in zip(parts, params)], x, y, t, scale)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    return torch.autograd.functional.hessian(f, flat)
+
+
+def grads_of(params, x, y, t, scale=1.0):
+    ps = [p.detach().clone().requires_grad_(True) for p in params]
+    return [g.detach() for g in torch.autograd.grad(loss_fn(ps, x, y, t, scale), ps)]
+
+
+def hvp(params, x, y, t, probes, scale=1.0):
+    hess = flat_hessian(params, x, y, t, scale)
+    h = hess @ torch.cat([z.reshape(-1) for z in probes])
+    return [part.view(p.shape) for part, p in zip(torch.split(h, [p.numel() for p in params]), params)]
+
+
+def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_warmup=20,
+                     lr_schedule=None, scale=1.0):
+    """ESGD-M, literally as shared/ESGD-M.md writes it.
+
+    ``groups`` is a list of (param indices, hyperparameter dict with lr, betas, v, lr_warmup, eps,
+    weight_decay); ``probes`` is the list of per-step probe lists of the optimizer's HVP steps;
+    ``lr_schedule(t, group_index)`` optionally overrides each group's lr at step t.
+    """
+    params = [p.clone() for p in init]
+    n = len(params)
+    m = [torch.zeros_like(p) for p in params]
+    d = [torch.zeros_like(p) for p in params]
+    b1 = [1.0] * n
+    b2 = [1.0] * n
+    w = [1.0] * n
+    steps_done, since_hvp = 0, 0
+    probes = list(probes)
+    trajectory = []
+    for t in range(steps):
+        hvp_step = steps_done < d_warmup or since_hvp >= update_d_every
+        g = grads_of(params, x, y, t, scale)
+        h = hvp(params, x, y, t, probes.pop(0), scale) if hvp_step else None
+        new = [None] * n
+        for gi, (idx, hp) in enumerate(groups):
+            beta1, beta2 = hp["betas"]
+            v = beta1 if hp.get("v") is None else hp["v"]
+            lr = hp["lr"] if lr_schedule is None else lr_schedule(t, gi)
+            for i in idx:
+                m[i] = beta1 * m[i] + (1 - beta1) * g[i]
+                b1[i] = b1[i] * beta1
+                if hvp_step:
+                    d[i] = beta2 * d[i] + (1 - beta2) * h[i] * h[i]
+                    b2[i] = b2[i] * beta2
+                denom = torch.sqrt(d[i]) / math.sqrt(1 - b2[i]) + hp["eps"]
+                w[i] = w[i] * hp["lr_warmup"]
+                step_size = lr * (1 - w[i])
+                m_hat = v * m[i] + (1 - v) * g[i]
+                corr = 1 - b1[i] * v
+                p = params[i] * (1 - hp["weight_decay"] * step_size)
+                new[i] = p - step_size * m_hat / (corr * denom)
+        params = new
+        steps_done += 1
+        since_hvp = 0 if hvp_step else since_hvp + 1
+        trajectory.append([p.clone() for p in params])
+    return trajectory
+
+
+def esgd_plain_reference(init, x, y, *, steps, probes, lr, eps, weight_decay=0.0, update_d_every=20,
+                         d_warmup=10, scale=1.0):
+    """Plain ESGD (Dauphin et al. 2015): p <- p - lr * g / (sqrt(D / i) + eps)."""
+    params = [p.clone() for p in init]
+    dsum = [torch.zeros_like(p) for p in params]
+    count = 0
+    steps_done, since_hvp = 0, 0
+    probes = list(probes)
+    trajectory = []
+    for t in range(steps):
+        hvp_step = steps_done < d_warmup or since_hvp >= update_d_every
+        g = grads_of(params, x, y, t, scale)
+        if hvp_step:
+            h = hvp(params, x, y, t, probes.pop(0), scale)
+            dsum = [ds + hi * hi for ds, hi in zip(dsum, h)]
+            count += 1
+        params = [p * (1 - lr * weight_decay) - lr * gi / (torch.sqrt(ds / count) + eps)
+                  for p, gi, ds in zip(params, g, dsum)]
+        steps_done += 1
+        since_hvp = 0 if hvp_step else since_hvp + 1
+        trajectory.append([p.clone() for p in params])
+    return trajectory

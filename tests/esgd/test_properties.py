@@ -1,0 +1,273 @@
+"""Properties of the optimizers: scale invariance, resume, the estimator's statistics, dtypes, devices."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from esgd import ESGD, PlainESGD
+
+from .reference import loss_fn, make_data
+
+HESSIAN_OPTIMIZERS = [ESGD, PlainESGD]
+
+
+def train(make_opt, init, x, y, steps, *, loss_scale=1.0, param_scale=1.0):
+    """Optimise q with p = q / param_scale; return the trajectory of p (what the model computes with)."""
+    qs = [torch.nn.Parameter(p.clone() * param_scale) for p in init]
+    opt = make_opt(qs)
+    out = []
+    for t in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn([q / param_scale for q in qs], x, y, t, loss_scale)
+        loss.backward(create_graph=getattr(opt, "should_create_graph", lambda: False)())
+        opt.step()
+        out.append(torch.cat([q.detach().reshape(-1) / param_scale for q in qs]))
+    return torch.stack(out)
+
+
+def esgd_m(ps):
+    # eps = 0: the claim is invariance "up to eps effects", so take eps out of the picture.
+    return ESGD(ps, lr=0.3, eps=0.0, update_d_every=3, d_warmup=4, generator=torch.Generator().manual_seed(7))
+
+
+log_factor = st.floats(min_value=-3, max_value=3).map(lambda e: 10.0 ** e)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=log_factor)
+def test_esgd_m_invariant_to_loss_scale(n):
+    x, y, init = make_data(0)
+    base = train(esgd_m, init, x, y, 25)
+    scaled = train(esgd_m, init, x, y, 25, loss_scale=n)
+    torch.testing.assert_close(scaled, base, rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=log_factor)
+def test_esgd_m_invariant_to_parameter_scale(n):
+    x, y, init = make_data(0)
+    base = train(esgd_m, init, x, y, 25)
+    scaled = train(esgd_m, init, x, y, 25, param_scale=n)
+    torch.testing.assert_close(scaled, base, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["loss_scale", "param_scale"])
+def test_sgd_is_not_scale_invariant(kind):
+    """The control: the same rescaling visibly changes SGD's trajectory, so the tests above can fail."""
+    x, y, init = make_data(0)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)  # noqa: E731
+    base = train(sgd, init, x, y, 25)
+    scaled = train(sgd, init, x, y, 25, **{kind: 10.0})
+    assert (scaled - base).abs().max() > 1e-2
+
+
+def test_esgd_m_eps_breaks_invariance_only_slightly():
+    """With the default eps, rescaling the loss by 1000 still gives nearly the same trajectory."""
+    x, y, init = make_data(0)
+    make = lambda ps: ESGD(ps, lr=0.3, generator=torch.Generator().manual_seed(7))  # noqa: E731
+    base = train(make, init, x, y, 25)
+    scaled = train(make, init, x, y, 25, loss_scale=1000.0)
+    assert (scaled - base).abs().max() < 0.05 * base.abs().max()
+
+
+# -- resume -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", HESSIAN_OPTIMIZERS)
+@pytest.mark.parametrize("save_at", [5, 23])
+def test_resume_equals_uninterrupted_run(cls, save_at):
+    x, y, init = make_data(1)
+    steps = 40
+
+    def make(ps):
+        return cls(ps, lr=0.1, update_d_every=4, d_warmup=6, generator=torch.Generator().manual_seed(11))
+
+    def run(params, opt, start, stop):
+        for t in range(start, stop):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(params, x, y, t).backward(create_graph=opt.should_create_graph())
+            opt.step()
+
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = make(params)
+    run(params, opt, 0, steps)
+    uninterrupted = [p.detach().clone() for p in params]
+
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = make(params)
+    run(params, opt, 0, save_at)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)  # weights_only=True is the default: the state must be plain data
+    params = [torch.nn.Parameter(p.clone()) for p in ckpt["params"]]
+    opt = make(params)
+    opt.generator.manual_seed(999)  # the checkpoint's generator state must win over this
+    opt.load_state_dict(ckpt["opt"])
+    assert opt.steps_done == save_at
+    run(params, opt, save_at, steps)
+    for a, b in zip(params, uninterrupted):
+        assert torch.equal(a.detach(), b)
+
+
+def test_load_state_dict_rejects_foreign_state():
+    p = torch.nn.Parameter(torch.ones(2))
+    adam_state = torch.optim.Adam([p]).state_dict()
+    with pytest.raises(ValueError, match="hessian_schedule"):
+        ESGD([p]).load_state_dict(adam_state)
+
+
+# -- the estimator, statistically ---------------------------------------------------------------------
+
+def quadratic(dim=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    hess = a @ a.T + torch.diag(torch.arange(1.0, dim + 1, dtype=torch.float64))  # SPD, non-diagonal
+    return hess
+
+
+@pytest.mark.parametrize("cls,probe", [(ESGD, "rademacher"), (PlainESGD, "gaussian"),
+                                       (PlainESGD, "rademacher")])
+def test_mean_squared_hvp_matches_diag_h_squared(cls, probe):
+    hess = quadratic()
+    x = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    kwargs = {"probe": probe} if cls is PlainESGD else {}
+    opt = cls([x], generator=torch.Generator().manual_seed(0), **kwargs)
+    n = 4000
+    samples = []
+    for _ in range(n):
+        (grad,) = torch.autograd.grad(0.5 * x @ hess @ x, [x], create_graph=True)
+        z = opt.draw_probe(x)
+        (h,) = opt.hessian_vector_products([x], [grad], [z])
+        torch.testing.assert_close(h, hess @ z)  # the product itself is exact
+        samples.append(h * h)
+    samples = torch.stack(samples)
+    mean, sem = samples.mean(0), samples.std(0) / math.sqrt(n)
+    target = torch.diag(hess @ hess)
+    assert ((mean - target).abs() <= 5 * sem).all(), (mean, target, sem)
+
+
+def test_rademacher_probes_are_plus_minus_one_with_equal_frequency():
+    opt = ESGD([torch.nn.Parameter(torch.zeros(3))], generator=torch.Generator().manual_seed(1))
+    z = torch.stack([opt.draw_probe(torch.zeros(100, 10)) for _ in range(20)])
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    frac = (z == 1).double().mean().item()
+    n = z.numel()
+    assert abs(frac - 0.5) < 5 * 0.5 / math.sqrt(n)
+    # every coordinate sees both signs: a probe stuck at one value per entry would fail here
+    assert ((z == 1).any(0) & (z == -1).any(0)).all()
+
+
+def test_gaussian_probes_are_standard_normal():
+    opt = PlainESGD([torch.nn.Parameter(torch.zeros(3))], generator=torch.Generator().manual_seed(1))
+    z = opt.draw_probe(torch.zeros(200_000, dtype=torch.float64))
+    assert abs(z.mean().item()) < 5 / math.sqrt(z.numel())
+    assert abs(z.var().item() - 1) < 0.02
+
+
+def test_same_generator_seed_same_trajectory_different_seed_differs():
+    x, y, init = make_data(2)
+    make = lambda seed: (lambda ps: ESGD(ps, lr=0.3, generator=torch.Generator().manual_seed(seed)))  # noqa
+    a = train(make(1), init, x, y, 15)
+    b = train(make(1), init, x, y, 15)
+    c = train(make(2), init, x, y, 15)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# -- parameters, dtypes, devices ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", HESSIAN_OPTIMIZERS)
+def test_parameter_without_gradient_is_left_alone(cls):
+    used = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    unused = torch.nn.Parameter(torch.tensor([3.0]))
+    opt = cls([used, unused], lr=0.1)
+    for _ in range(5):
+        opt.zero_grad(set_to_none=True)
+        (used ** 4).sum().backward(create_graph=opt.should_create_graph())
+        opt.step()
+    assert unused.item() == 3.0 and unused not in opt.state
+    assert (used.detach().abs() < torch.tensor([1.0, 2.0])).all()
+
+
+def test_parameter_first_used_after_warmup_waits_for_its_first_product():
+    a = torch.nn.Parameter(torch.tensor([1.0]))
+    late = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = ESGD([a, late], lr=0.1, update_d_every=3, d_warmup=1)
+    for t in range(6):
+        opt.zero_grad(set_to_none=True)
+        hvp = opt.should_create_graph()
+        loss = (a ** 4).sum() + ((late ** 4).sum() if t >= 1 else 0)
+        loss.backward(create_graph=hvp)
+        opt.step()
+        assert torch.isfinite(late).all()
+        if t < 4:  # steps 2-4 are plain; step 5 (t=4) is the next product
+            assert late.item() == 2.0
+    assert late.item() < 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", HESSIAN_OPTIMIZERS)
+def test_trains_in_float32_and_float64(cls, dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+    x = torch.randn(64, 4, dtype=dtype)
+    y = x[:, :1] * x[:, 1:2]
+    opt = cls(model.parameters())  # each optimizer's default learning rate
+    losses = []
+    for _ in range(100):
+        opt.zero_grad(set_to_none=True)
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward(create_graph=opt.should_create_graph())
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_closure_step_matches_plain_loop():
+    x, y, init = make_data(3)
+    ref = train(lambda ps: ESGD(ps, lr=0.2, generator=torch.Generator().manual_seed(5)), init, x, y, 12)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = ESGD(params, lr=0.2, generator=torch.Generator().manual_seed(5))
+    for t in range(12):
+        def closure(t=t):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(params, x, y, t)
+            loss.backward(create_graph=opt.should_create_graph())
+            return loss
+        loss = opt.step(closure)
+        assert loss is not None
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in params]), ref[-1], rtol=0, atol=0)
+
+
+def test_graph_does_not_outlive_the_step():
+    """After an HVP step the gradients are plain tensors again: no cycle keeps the graph alive."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = ESGD([p])
+    (p ** 3).sum().backward(create_graph=opt.should_create_graph())
+    assert p.grad.requires_grad
+    opt.step()
+    assert not p.grad.requires_grad and p.grad.grad_fn is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("cls", HESSIAN_OPTIMIZERS)
+def test_cuda_matches_cpu(cls):
+    """A CPU generator drives CUDA parameters too, so the same probes give the same float64 trajectory."""
+    x, y, init = make_data(4)
+    runs = []
+    for device in ("cpu", "cuda"):
+        qs = [torch.nn.Parameter(p.clone().to(device)) for p in init]
+        opt = cls(qs, lr=0.1, generator=torch.Generator().manual_seed(0))
+        for t in range(10):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(qs, x.to(device), y.to(device), t).backward(create_graph=opt.should_create_graph())
+            opt.step()
+        runs.append(torch.cat([q.detach().cpu().reshape(-1) for q in qs]))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-9, atol=1e-11)
