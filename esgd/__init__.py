@@ -4,9 +4,10 @@
 of Ma & Yarats 2019); ``PlainESGD`` is the paper's original method, kept for comparison.
 """
 
-from ._base import HessianOptimizer, MissingGraphError
-from .esgd_m import ESGD, esgd_m
+from ._base import DoubleBackwardUnsupportedError, HessianOptimizer, MissingGraphError
+from .esgd_m import ESGD, ESGDMax, esgd_m
 from .plain import PlainESGD, esgd_plain
 
-__all__ = ["ESGD", "PlainESGD", "HessianOptimizer", "MissingGraphError", "esgd_m", "esgd_plain"]
+__all__ = ["ESGD", "ESGDMax", "PlainESGD", "HessianOptimizer", "MissingGraphError",
+           "DoubleBackwardUnsupportedError", "esgd_m", "esgd_plain"]
 __version__ = "0.1.0"

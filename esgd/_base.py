@@ -10,12 +10,14 @@ backward, the checks that turn misuse into one clear error, and the global count
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["HessianOptimizer", "MissingGraphError", "check_int", "check_range"]
+__all__ = ["HessianOptimizer", "MissingGraphError", "DoubleBackwardUnsupportedError", "HVP_METHODS",
+           "check_int", "check_range"]
 
 _GLOBAL_KEY = "hessian_schedule"
 
@@ -27,6 +29,25 @@ MISSING_GRAPH_MESSAGE = (
 
 class MissingGraphError(RuntimeError):
     """Raised on an HVP step when ``backward()`` was called without ``create_graph=True``."""
+
+
+class DoubleBackwardUnsupportedError(RuntimeError):
+    """The model cannot be differentiated twice (e.g. ``torch.compile``): use finite differences."""
+
+
+HVP_METHODS = ("autograd", "finite-difference")
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def check_range(name: str, value: Any, low: float, high: float, *, high_open: bool = True,
@@ -60,11 +81,13 @@ class HessianOptimizer(Optimizer):
     probe: str = "rademacher"
 
     def __init__(self, params: Iterable, defaults: dict, *, update_d_every: int, d_warmup: int,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, hvp_method: str = "autograd") -> None:
         check_int("update_d_every", update_d_every)
         check_int("d_warmup", d_warmup)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"Invalid generator: {generator!r} (must be a torch.Generator or None)")
+        if hvp_method not in HVP_METHODS:
+            raise ValueError(f"Invalid hvp_method: {hvp_method!r} (must be one of {', '.join(HVP_METHODS)})")
         super().__init__(params, defaults)
         devices = {p.device for group in self.param_groups for p in group["params"]}
         if len(devices) > 1:
@@ -73,8 +96,14 @@ class HessianOptimizer(Optimizer):
         self.update_d_every = update_d_every
         self.d_warmup = d_warmup
         self.generator = generator
+        self.hvp_method = hvp_method
         self.steps_done = 0
         self.steps_since_hvp = 0
+        # Optional in-place reduction of the locally computed products, e.g. an all-reduce mean across
+        # data-parallel ranks (see esgd.distributed); None on a single process.
+        self.hvp_reduce: Callable[[list[torch.Tensor]], None] | None = None
+        self._probes: dict[torch.Tensor, torch.Tensor] = {}
+        self._hvp_sums: dict[torch.Tensor, torch.Tensor] = {}
 
     # -- schedule ---------------------------------------------------------------------------------
     def is_hvp_step(self) -> bool:
@@ -82,8 +111,11 @@ class HessianOptimizer(Optimizer):
         return self.steps_done < self.d_warmup or self.steps_since_hvp >= self.update_d_every
 
     def should_create_graph(self) -> bool:
-        """Whether the next ``backward()`` must build the graph: ``loss.backward(create_graph=...)``."""
-        return self.is_hvp_step()
+        """Whether the next ``backward()`` must build the graph: ``loss.backward(create_graph=...)``.
+
+        Always ``False`` with ``hvp_method="finite-difference"``, which needs first-order gradients only.
+        """
+        return self.hvp_method == "autograd" and self.is_hvp_step()
 
     # -- probes and products ------------------------------------------------------------------------
     def draw_probe(self, p: torch.Tensor) -> torch.Tensor:
@@ -106,10 +138,91 @@ class HessianOptimizer(Optimizer):
         with_graph = [i for i, g in enumerate(grads) if g.requires_grad]
         if not with_graph:
             raise MissingGraphError(MISSING_GRAPH_MESSAGE.format(name=type(self).__name__))
-        with torch.enable_grad():
-            hvps = torch.autograd.grad([grads[i] for i in with_graph], params,
-                                       grad_outputs=[probes[i] for i in with_graph], allow_unused=True)
+        try:
+            with torch.enable_grad():
+                hvps = torch.autograd.grad([grads[i] for i in with_graph], params,
+                                           grad_outputs=[probes[i] for i in with_graph], allow_unused=True)
+        except RuntimeError as err:
+            if "double backward" in str(err):
+                raise DoubleBackwardUnsupportedError(
+                    f"{type(self).__name__}: the model cannot be differentiated twice ({err}). "
+                    "Construct the optimizer with hvp_method='finite-difference' and call "
+                    "opt.step(closure); it needs first-order gradients only") from err
+            raise
         return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hvps)]
+
+    def _probe_for(self, p: torch.Tensor) -> torch.Tensor:
+        # One probe per parameter and step, shared by every micro-batch of an accumulated step.
+        z = self._probes.get(p)
+        if z is None:
+            z = self._probes[p] = self.draw_probe(p)
+        return z
+
+    @torch.no_grad()
+    def accumulate_hvp(self) -> None:
+        """Fold the current micro-batch's Hessian-vector product into this step's sum.
+
+        For gradient accumulation over K micro-batches (each loss divided by K)::
+
+            for x, y in micro_batches:
+                (loss_fn(model(x), y) / K).backward(create_graph=opt.should_create_graph())
+                opt.accumulate_hvp()
+            opt.step()
+
+        On an HVP step this differentiates the graph that the last backward added to ``.grad`` (with
+        the probe shared by all micro-batches), adds ``H_k z`` to a running sum and detaches the
+        gradients, so only one micro-batch's double-backward graph is alive at a time.  Elsewhere it
+        does nothing.  ``step()`` calls it once more itself, so the last call may be left out.
+        """
+        if not (self.is_hvp_step() and self.hvp_method == "autograd"):
+            return
+        params = self._params_with_grad()
+        pending = [p for p in params if p.grad.requires_grad]
+        if not pending:
+            if self._hvp_sums:
+                return
+            raise MissingGraphError(MISSING_GRAPH_MESSAGE.format(name=type(self).__name__))
+        hvps = self.hessian_vector_products(params, [p.grad for p in params],
+                                            [self._probe_for(p) for p in params])
+        for p, h in zip(params, hvps):
+            total = self._hvp_sums.get(p)
+            self._hvp_sums[p] = h if total is None else total.add_(h)
+        # The graph hanging off .grad references the parameters: drop it now, or it lives on
+        # until the next zero_grad and keeps the whole double-backward graph in memory.
+        for p in pending:
+            p.grad = p.grad.detach()
+
+    @torch.no_grad()
+    def _finite_difference_hvps(self, params: list[torch.Tensor], closure: Callable[[], torch.Tensor],
+                                rng_state) -> list[torch.Tensor]:
+        """``H z ~ (g(theta + r z) - g(theta)) / r`` from one more first-order gradient evaluation.
+
+        ``r = sqrt(eps_dtype) * (1 + ||theta||) / ||z||`` balances the O(r) truncation error of the
+        forward difference against the O(eps / r) cancellation error of subtracting two gradients.
+        The RNG is rewound for the second evaluation so dropout-like layers draw the same masks.
+        """
+        probes = [self._probe_for(p) for p in params]
+        grads0 = [p.grad.detach().clone() for p in params]
+        theta0 = [p.detach().clone() for p in params]
+        theta_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in theta0]))
+        z_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(z) for z in probes]))
+        r = (math.sqrt(torch.finfo(params[0].dtype).eps) * (1 + theta_norm) / z_norm).item()
+        after = _rng_state(params[0].device)
+        torch._foreach_add_(params, probes, alpha=r)
+        _set_rng_state(rng_state, params[0].device)
+        try:
+            with torch.enable_grad():
+                closure()
+        finally:
+            for p, t in zip(params, theta0):
+                p.copy_(t)
+            _set_rng_state(after, params[0].device)
+        hvps = []
+        for p, g0 in zip(params, grads0):
+            g1 = torch.zeros_like(g0) if p.grad is None else p.grad.detach()
+            hvps.append((g1 - g0).div_(r))
+            p.grad = g0
+        return hvps
 
     # -- the step ---------------------------------------------------------------------------------
     def _params_with_grad(self) -> list[torch.Tensor]:
@@ -131,23 +244,29 @@ class HessianOptimizer(Optimizer):
             closure: optional callable that zeroes the gradients, evaluates the loss, calls
                 ``loss.backward(create_graph=opt.should_create_graph())`` and returns the loss.
         """
+        hvp_step = self.is_hvp_step()
+        finite_difference = hvp_step and self.hvp_method == "finite-difference"
+        if finite_difference and closure is None:
+            raise RuntimeError(f"{type(self).__name__}: hvp_method='finite-difference' evaluates the "
+                               "gradient a second time on HVP steps; call opt.step(closure)")
+        rng_state = _rng_state(self._device()) if finite_difference else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        hvp_step = self.is_hvp_step()
         params = self._params_with_grad()
         hvps = None
         if hvp_step and params:
-            grads = [p.grad for p in params]
-            probes = [self.draw_probe(p) for p in params]
-            hvps = dict(zip(params, self.hessian_vector_products(params, grads, probes)))
-        if hvp_step:
-            # The graph hanging off .grad references the parameters: drop it now, or it lives on
-            # until the next zero_grad and keeps the whole double-backward graph in memory.
-            for p in params:
-                if p.grad.requires_grad:
-                    p.grad = p.grad.detach()
+            if finite_difference:
+                local = self._finite_difference_hvps(params, closure, rng_state)
+            else:
+                self.accumulate_hvp()
+                local = [self._hvp_sums[p] for p in params]
+            if self.hvp_reduce is not None:
+                self.hvp_reduce(local)
+            hvps = dict(zip(params, local))
+        self._probes.clear()
+        self._hvp_sums.clear()
         self._update(hvp_step, hvps)
         self.steps_done += 1
         self.steps_since_hvp = 0 if hvp_step else self.steps_since_hvp + 1
@@ -155,6 +274,9 @@ class HessianOptimizer(Optimizer):
 
     def _update(self, hvp_step: bool, hvps: dict[torch.Tensor, torch.Tensor] | None) -> None:
         raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

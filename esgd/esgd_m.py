@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._base import HessianOptimizer, check_range
 
-__all__ = ["ESGD", "esgd_m"]
+__all__ = ["ESGD", "ESGDMax", "esgd_m"]
 
 
 class ESGD(HessianOptimizer):
@@ -61,6 +61,12 @@ class ESGD(HessianOptimizer):
         d_warmup: number of first steps that all compute a Hessian-vector product.
         generator: optional ``torch.Generator`` for the probes (same seed, same trajectory).
         foreach: use the multi-tensor kernel (default ``True``); ``False`` selects the reference loop.
+        hvp_method: ``"autograd"`` (default: exact product by double backward) or
+            ``"finite-difference"`` (``(g(theta + r z) - g(theta)) / r`` from one more gradient
+            evaluation; needs ``opt.step(closure)`` and no ``create_graph``, so it works with
+            ``torch.compile``).
+        d_max: keep an exponentially weighted infinity norm ``d = max(beta2 * d, (H z)^2)`` instead of
+            the EMA, with no bias correction for it (the ``esgd-m-max`` variant; see :class:`ESGDMax`).
 
     A parameter that first receives a gradient on a step without a product has no curvature estimate
     yet; its momentum is updated but the parameter is left unchanged until its first HVP step.
@@ -71,12 +77,13 @@ class ESGD(HessianOptimizer):
     def __init__(self, params: Iterable, lr: float = 1, betas: tuple[float, float] = (0.9, 0.999),
                  v: float | None = None, lr_warmup: float = 0.99, eps: float = 1e-4,
                  weight_decay: float = 0., update_d_every: int = 10, d_warmup: int = 20, *,
-                 generator: torch.Generator | None = None, foreach: bool | None = None) -> None:
+                 generator: torch.Generator | None = None, foreach: bool | None = None,
+                 hvp_method: str = "autograd", d_max: bool = False) -> None:
         _validate(lr, betas, v, lr_warmup, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps,
-                        weight_decay=weight_decay, foreach=foreach)
+                        weight_decay=weight_decay, foreach=foreach, d_max=bool(d_max))
         super().__init__(params, defaults, update_d_every=update_d_every, d_warmup=d_warmup,
-                         generator=generator)
+                         generator=generator, hvp_method=hvp_method)
         for group in self.param_groups:
             _validate(group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"],
                       group["weight_decay"])
@@ -106,7 +113,7 @@ class ESGD(HessianOptimizer):
                     group_hvps.append(hvps[p])
                 elif state["denom_eps"] != group["eps"] and state["beta2_accum"] < 1.0:
                     # eps changed since the last product: rebuild the cached denominator once.
-                    bc2 = math.sqrt(1 - state["beta2_accum"])
+                    bc2 = 1.0 if group["d_max"] else math.sqrt(1 - state["beta2_accum"])
                     state["denom"] = state["exp_avg_d_sq"].sqrt().div_(bc2).add_(group["eps"])
                 state["denom_eps"] = group["eps"]
                 params.append(p)
@@ -116,14 +123,14 @@ class ESGD(HessianOptimizer):
                 denoms.append(state["denom"])
                 step_sizes.append(group["lr"] * (1 - state["lr_accum"]))
                 corrs.append(1 - state["beta1_accum"] * v)
-                sqrt_bc2s.append(math.sqrt(1 - state["beta2_accum"]))
+                sqrt_bc2s.append(1.0 if group["d_max"] else math.sqrt(1 - state["beta2_accum"]))
             if not params:
                 continue
             new_denoms = esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms,
                                 group_hvps if hvp_step else None, step_sizes=step_sizes, corrs=corrs,
                                 sqrt_bias_corrections2=sqrt_bc2s, beta1=beta1, beta2=beta2, v=v,
                                 eps=group["eps"], weight_decay=group["weight_decay"],
-                                foreach=group["foreach"])
+                                foreach=group["foreach"], d_max=group["d_max"])
             for p, d in zip(params, new_denoms):
                 self.state[p]["denom"] = d
 
@@ -143,23 +150,24 @@ def _validate(lr, betas, v, lr_warmup, eps, weight_decay) -> None:
 def esgd_m(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_d_sqs: list[Tensor],
            denoms: list[Tensor], hvps: list[Tensor] | None, *, step_sizes: list[float], corrs: list[float],
            sqrt_bias_corrections2: list[float], beta1: float, beta2: float, v: float, eps: float,
-           weight_decay: float, foreach: bool | None = None) -> list[Tensor]:
+           weight_decay: float, foreach: bool | None = None, d_max: bool = False) -> list[Tensor]:
     """Functional ESGD-M update of one parameter group; see :class:`ESGD` for the maths.
 
     The per-parameter scalars (``step_sizes``, ``corrs``, ``sqrt_bias_corrections2``) are already
     advanced to this step.  ``hvps`` is ``None`` on a step without a product, in which case ``denoms``
-    are used as they are.  Returns the denominators to keep for the next step.
+    are used as they are.  With ``d_max`` the squared-product statistic is ``max(beta2 * d, h^2)``
+    (pass ``sqrt_bias_corrections2`` of 1).  Returns the denominators to keep for the next step.
     """
     if foreach is None:
         foreach = True
     fn = _multi_tensor_esgd_m if foreach and not torch.jit.is_scripting() else _single_tensor_esgd_m
     return fn(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, step_sizes=step_sizes, corrs=corrs,
               sqrt_bias_corrections2=sqrt_bias_corrections2, beta1=beta1, beta2=beta2, v=v, eps=eps,
-              weight_decay=weight_decay)
+              weight_decay=weight_decay, d_max=d_max)
 
 
 def _single_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *, step_sizes, corrs,
-                          sqrt_bias_corrections2, beta1, beta2, v, eps, weight_decay):
+                          sqrt_bias_corrections2, beta1, beta2, v, eps, weight_decay, d_max):
     new_denoms = []
     for i, p in enumerate(params):
         g, m = grads[i], exp_avgs[i]
@@ -167,7 +175,10 @@ def _single_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, 
         denom = denoms[i]
         if hvps is not None:
             h, d = hvps[i], exp_avg_d_sqs[i]
-            d.mul_(beta2).addcmul_(h, h, value=1 - beta2)
+            if d_max:
+                torch.maximum(d.mul_(beta2), h * h, out=d)
+            else:
+                d.mul_(beta2).addcmul_(h, h, value=1 - beta2)
             denom = d.sqrt().div_(sqrt_bias_corrections2[i]).add_(eps)
         new_denoms.append(denom)
         if weight_decay != 0:
@@ -178,7 +189,7 @@ def _single_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, 
 
 
 def _multi_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *, step_sizes, corrs,
-                         sqrt_bias_corrections2, beta1, beta2, v, eps, weight_decay):
+                         sqrt_bias_corrections2, beta1, beta2, v, eps, weight_decay, d_max):
     # One device is guaranteed by the optimizer; foreach kernels still need one dtype per call.
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
@@ -193,7 +204,10 @@ def _multi_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *
             hs = [hvps[i] for i in idx]
             ds = [exp_avg_d_sqs[i] for i in idx]
             torch._foreach_mul_(ds, beta2)
-            torch._foreach_addcmul_(ds, hs, hs, value=1 - beta2)
+            if d_max:
+                torch._foreach_maximum_(ds, torch._foreach_mul(hs, hs))
+            else:
+                torch._foreach_addcmul_(ds, hs, hs, value=1 - beta2)
             dens = torch._foreach_sqrt(ds)
             torch._foreach_div_(dens, [sqrt_bias_corrections2[i] for i in idx])
             torch._foreach_add_(dens, eps)
@@ -206,3 +220,20 @@ def _multi_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *
         for j, i in enumerate(idx):
             new_denoms[i] = dens[j]
     return new_denoms
+
+
+class ESGDMax(ESGD):
+    r"""ESGD-M with an exponentially weighted infinity norm of the squared products.
+
+    Identical to :class:`ESGD` except on HVP steps, where :math:`d \leftarrow \max(\beta_2 d, (H z)^2)`
+    replaces the EMA and the denominator is :math:`\sqrt{d} + \epsilon` with no bias correction (the
+    running maximum is not biased towards zero the way a zero-initialised EMA is).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1, betas: tuple[float, float] = (0.9, 0.999),
+                 v: float | None = None, lr_warmup: float = 0.99, eps: float = 1e-4,
+                 weight_decay: float = 0., update_d_every: int = 10, d_warmup: int = 20, *,
+                 generator: torch.Generator | None = None, foreach: bool | None = None,
+                 hvp_method: str = "autograd") -> None:
+        super().__init__(params, lr, betas, v, lr_warmup, eps, weight_decay, update_d_every, d_warmup,
+                         generator=generator, foreach=foreach, hvp_method=hvp_method, d_max=True)

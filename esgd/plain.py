@@ -39,13 +39,15 @@ class PlainESGD(HessianOptimizer):
         probe: ``"gaussian"`` (the paper) or ``"rademacher"`` (lower variance).
         generator: optional ``torch.Generator`` for the probes.
         foreach: use the multi-tensor kernel (default ``True``).
+        hvp_method: ``"autograd"`` (exact) or ``"finite-difference"`` (needs ``opt.step(closure)``).
 
     The loop is the same as ESGD-M's: ``loss.backward(create_graph=opt.should_create_graph())``.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.1, eps: float = 1e-4, weight_decay: float = 0.,
                  update_d_every: int = 20, d_warmup: int = 10, probe: str = "gaussian", *,
-                 generator: torch.Generator | None = None, foreach: bool | None = None) -> None:
+                 generator: torch.Generator | None = None, foreach: bool | None = None,
+                 hvp_method: str = "autograd") -> None:
         check_range("lr", lr, 0.0, math.inf)
         check_range("eps", eps, 0.0, math.inf)
         check_range("weight_decay", weight_decay, 0.0, math.inf)
@@ -53,7 +55,7 @@ class PlainESGD(HessianOptimizer):
             raise ValueError(f"Invalid probe: {probe!r} (must be 'gaussian' or 'rademacher')")
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults, update_d_every=update_d_every, d_warmup=d_warmup,
-                         generator=generator)
+                         generator=generator, hvp_method=hvp_method)
         self.probe = probe
         for group in self.param_groups:
             check_range("lr", group["lr"], 0.0, math.inf)

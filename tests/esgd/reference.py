@@ -54,12 +54,13 @@ def hvp(params, x, y, t, probes, scale=1.0):
 
 
 def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_warmup=20,
-                     lr_schedule=None, scale=1.0):
+                     lr_schedule=None, scale=1.0, d_max=False):
     """ESGD-M, literally as shared/ESGD-M.md writes it.
 
     ``groups`` is a list of (param indices, hyperparameter dict with lr, betas, v, lr_warmup, eps,
     weight_decay); ``probes`` is the list of per-step probe lists of the optimizer's HVP steps;
-    ``lr_schedule(t, group_index)`` optionally overrides each group's lr at step t.
+    ``lr_schedule(t, group_index)`` optionally overrides each group's lr at step t.  ``d_max`` is the
+    esgd-m-max variant: d = max(beta2 * d, h^2) and no bias correction of d.
     """
     params = [p.clone() for p in init]
     n = len(params)
@@ -83,10 +84,13 @@ def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_
             for i in idx:
                 m[i] = beta1 * m[i] + (1 - beta1) * g[i]
                 b1[i] = b1[i] * beta1
-                if hvp_step:
+                if hvp_step and d_max:
+                    d[i] = torch.maximum(beta2 * d[i], h[i] * h[i])
+                elif hvp_step:
                     d[i] = beta2 * d[i] + (1 - beta2) * h[i] * h[i]
                     b2[i] = b2[i] * beta2
-                denom = torch.sqrt(d[i]) / math.sqrt(1 - b2[i]) + hp["eps"]
+                bias = 1.0 if d_max else math.sqrt(1 - b2[i])
+                denom = torch.sqrt(d[i]) / bias + hp["eps"]
                 w[i] = w[i] * hp["lr_warmup"]
                 step_size = lr * (1 - w[i])
                 m_hat = v * m[i] + (1 - v) * g[i]

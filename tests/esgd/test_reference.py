@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esgd import ESGD, PlainESGD
+from esgd import ESGD, ESGDMax, PlainESGD
 
 from .reference import esgd_m_reference, esgd_plain_reference, loss_fn, make_data
 
@@ -145,3 +145,14 @@ def test_reference_steps_actually_move():
     # d_warmup=20 HVP steps, then one every 11th step (10 plain steps in between): indices 30 and 41.
     assert len(probes) == 22
     assert not torch.equal(probes[0][0], probes[1][0])
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_esgd_m_max_matches_reference(foreach):
+    x, y, init = make_data(6)
+    hyper = dict(lr=0.3, betas=(0.9, 0.95))
+    got, probes = run_optimizer(lambda ps: ESGDMax(ps, **hyper, update_d_every=3, d_warmup=2, foreach=foreach),
+                                init, x, y)
+    want = esgd_m_reference(init, x, y, steps=STEPS, probes=probes, update_d_every=3, d_warmup=2, d_max=True,
+                            groups=[([0, 1, 2], {**DEFAULT, **hyper})])
+    assert_same_trajectory(got, want)
