@@ -159,31 +159,42 @@ class HessianOptimizer(Optimizer):
         return z
 
     @torch.no_grad()
-    def accumulate_hvp(self) -> None:
-        """Fold the current micro-batch's Hessian-vector product into this step's sum.
+    def accumulate_hvp(self, loss: torch.Tensor | None = None) -> None:
+        """Fold a Hessian-vector product into this step's sum (on HVP steps; elsewhere a no-op).
 
-        For gradient accumulation over K micro-batches (each loss divided by K)::
+        Without ``loss``, the product is taken through the graph that the last
+        ``backward(create_graph=True)`` left on ``.grad``; the gradients are then detached, so only one
+        micro-batch's double-backward graph is alive at a time.  Gradient accumulation over K
+        micro-batches (each loss divided by K)::
 
             for x, y in micro_batches:
                 (loss_fn(model(x), y) / K).backward(create_graph=opt.should_create_graph())
                 opt.accumulate_hvp()
             opt.step()
 
-        On an HVP step this differentiates the graph that the last backward added to ``.grad`` (with
-        the probe shared by all micro-batches), adds ``H_k z`` to a running sum and detaches the
-        gradients, so only one micro-batch's double-backward graph is alive at a time.  Elsewhere it
-        does nothing.  ``step()`` calls it once more itself, so the last call may be left out.
+        With ``loss``, the product is that of ``loss`` alone, through ``torch.autograd.grad``, leaving
+        ``.grad`` untouched: the loop may then use a plain ``backward()`` for the update and pass, say,
+        the loss of a fraction of the batch (a cheaper estimate), or each rank's local loss under
+        DistributedDataParallel.  Every call of one step uses the same probe.  ``step()`` calls
+        ``accumulate_hvp()`` once more itself, so the last call of the first form may be left out.
         """
         if not (self.is_hvp_step() and self.hvp_method == "autograd"):
             return
-        params = self._params_with_grad()
-        pending = [p for p in params if p.grad.requires_grad]
-        if not pending:
-            if self._hvp_sums:
-                return
-            raise MissingGraphError(MISSING_GRAPH_MESSAGE.format(name=type(self).__name__))
-        hvps = self.hessian_vector_products(params, [p.grad for p in params],
-                                            [self._probe_for(p) for p in params])
+        if loss is not None:
+            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            pending = []
+        else:
+            params = self._params_with_grad()
+            pending = [p for p in params if p.grad.requires_grad]
+            if not pending:
+                if self._hvp_sums:
+                    return
+                raise MissingGraphError(MISSING_GRAPH_MESSAGE.format(name=type(self).__name__))
+            grads = [p.grad for p in params]
+        hvps = self.hessian_vector_products(params, grads, [self._probe_for(p) for p in params])
         for p, h in zip(params, hvps):
             total = self._hvp_sums.get(p)
             self._hvp_sums[p] = h if total is None else total.add_(h)

@@ -138,3 +138,40 @@ def test_compiled_model_with_exact_products_gets_a_clear_error():
     compiled(torch.randn(5, 4)).pow(2).mean().backward(create_graph=opt.should_create_graph())
     with pytest.raises(DoubleBackwardUnsupportedError, match="hvp_method='finite-difference'"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls", [ESGD, PlainESGD])
+def test_product_from_a_separate_loss_equals_the_create_graph_loop(cls):
+    """accumulate_hvp(loss) after a plain backward gives the same step as backward(create_graph=True)."""
+    x, y, init = make_data(9)
+    runs = []
+    for separate in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = cls(params, lr=0.2, update_d_every=3, d_warmup=4, generator=torch.Generator().manual_seed(4))
+        for t in range(20):
+            opt.zero_grad(set_to_none=True)
+            if separate:
+                loss_fn(params, x, y, t).backward()
+                opt.accumulate_hvp(loss_fn(params, x, y, t))
+                assert all(not p.grad.requires_grad for p in params)
+            else:
+                loss_fn(params, x, y, t).backward(create_graph=opt.should_create_graph())
+            opt.step()
+        runs.append(torch.cat([p.detach().reshape(-1) for p in params]))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-10, atol=1e-12)
+
+
+def test_product_from_a_sub_batch_is_a_different_estimate():
+    """The product of a half batch is used as given (the cheaper estimate): the step changes."""
+    x, y, init = make_data(9)
+    outs = []
+    for rows in (slice(0, 16), slice(0, 8)):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = ESGD(params, lr=0.2, generator=torch.Generator().manual_seed(4))
+        w1, b1, w2 = params
+        loss = lambda r: ((torch.tanh(x[r] @ w1.T + b1) @ w2.T - y[r]) ** 2).mean()  # noqa: E731
+        loss(slice(0, 16)).backward()
+        opt.accumulate_hvp(loss(rows))
+        opt.step()
+        outs.append(torch.cat([p.detach().reshape(-1) for p in params]))
+    assert not torch.allclose(outs[0], outs[1])
