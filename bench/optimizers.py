@@ -3,14 +3,19 @@
 Entries are small frozen dataclasses: a lowercase name, a factory, default hyperparameters, per-task
 default learning rates, a description and the ``second_order`` flag that tells the runner to call
 ``backward(create_graph=opt.should_create_graph())``.  ``get_optimizer`` raises with the valid names and a
-close match; ``list_optimizers`` filters with fnmatch.
+close match; ``list_optimizers`` filters with fnmatch.  ``parse_opt_spec`` reads the command line's
+``name:key=value,...`` form (``adam:lr=3e-4,betas=(0.9,0.95)``) and ``validate_overrides`` checks the keys
+against the factory's signature and the values against its defaults' types, so a typo fails before any
+training with one line naming the optimizer, the key and the valid keys.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import fnmatch
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -18,8 +23,9 @@ import torch
 
 from esgd import ESGD, PlainESGD
 
-__all__ = ["OptimizerSpec", "UnknownOptimizerError", "register_optimizer", "get_optimizer",
-           "list_optimizers", "create_optimizer", "default_lr", "needs_create_graph"]
+__all__ = ["OptimizerSpec", "UnknownOptimizerError", "OptimizerSpecError", "register_optimizer",
+           "get_optimizer", "list_optimizers", "create_optimizer", "default_lr", "needs_create_graph",
+           "parse_opt_spec", "format_opt_spec", "validate_overrides", "option_names"]
 
 
 class UnknownOptimizerError(LookupError):
@@ -27,6 +33,10 @@ class UnknownOptimizerError(LookupError):
 
     def __str__(self) -> str:  # LookupError would quote the message
         return str(self.args[0])
+
+
+class OptimizerSpecError(ValueError):
+    """A malformed ``name:key=value`` spec, an unknown key or a value of the wrong type."""
 
 
 @dataclass(frozen=True)
@@ -114,15 +124,122 @@ def _first_device(params: list) -> torch.device:
     return torch.device("cpu")
 
 
-def _sgd(params, **kw):
-    return torch.optim.SGD(params, **kw)
+# -- command-line specs ---------------------------------------------------------------------------
+_NO_OVERRIDE = {"params", "generator", "self"}
 
 
-def _adam(params, **kw):
-    return torch.optim.Adam(params, **kw)
+def option_names(spec: OptimizerSpec) -> list[str]:
+    """The hyperparameters a spec string may set: the factory's keyword arguments."""
+    params = inspect.signature(spec.factory).parameters
+    return [n for n, p in params.items() if n not in _NO_OVERRIDE
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-# The learning rates below are filled in from `esgd-bench sweep` runs (see the README's table).
+def _split_top(text: str) -> list[str]:
+    """Split at commas that are not inside brackets, so ``betas=(0.9,0.99)`` stays one item."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "(["
+        depth -= ch in ")]"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return parts
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()     # a bare word such as probe=rademacher
+
+
+def parse_opt_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``"adam:lr=3e-4,weight_decay=0.1"`` -> ``("adam", {"lr": 3e-4, "weight_decay": 0.1})``.
+
+    The name must be registered and every key a keyword of its factory; values are Python literals
+    (numbers, ``true``/``false``, ``none``, tuples such as ``(0.9,0.95)``) checked by
+    :func:`validate_overrides`.
+    """
+    name, _, rest = text.strip().partition(":")
+    spec = get_optimizer(name.strip().lower())
+    overrides: dict[str, Any] = {}
+    if rest.strip():
+        for item in _split_top(rest):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not key or not value.strip():
+                raise OptimizerSpecError(
+                    f"bad optimizer spec {text!r}: expected name:key=value[,key=value...], got {item!r}")
+            if key in overrides:
+                raise OptimizerSpecError(f"bad optimizer spec {text!r}: {key!r} given twice")
+            overrides[key] = _parse_value(value)
+    validate_overrides(spec, overrides)
+    return spec.name, overrides
+
+
+def format_opt_spec(name: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """The canonical label of a spec: ``adam`` or ``adam:lr=0.0003,weight_decay=0.1`` (keys sorted)."""
+    if not overrides:
+        return name
+    items = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(overrides.items()))
+    return f"{name}:{items}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, tuple):
+        return "(" + ",".join(_fmt(x) for x in v) + ")"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_overrides(spec: OptimizerSpec | str, overrides: Mapping[str, Any]) -> None:
+    """Raise :class:`OptimizerSpecError` for an unknown key, a value whose type does not match the
+    factory's default, or a value the optimizer's constructor rejects (tried on a dummy parameter)."""
+    spec = get_optimizer(spec) if isinstance(spec, str) else spec
+    valid = option_names(spec)
+    params = inspect.signature(spec.factory).parameters
+    for key, value in overrides.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise OptimizerSpecError(f"{spec.name}: unknown option {key!r}.{hint} "
+                                     f"Valid options: {', '.join(valid)}")
+        default = spec.defaults.get(key, params[key].default)
+        ok = True
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif _number(default):
+            ok = _number(value) and math.isfinite(value)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (tuple, list)) and len(value) == len(default) \
+                and all(_number(x) and math.isfinite(x) for x in value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        if not ok:
+            raise OptimizerSpecError(f"{spec.name}: bad value for {key}: {value!r} "
+                                     f"(expected something like {default!r})")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    try:
+        create_optimizer(spec, [torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (ValueError, TypeError) as err:
+        raise OptimizerSpecError(f"{spec.name}: {err}") from None
+
+
+# The learning rates below are filled in from `esgd-bench sweep` runs (see the README's table).  Rosenbrock:
+# `esgd-bench sweep rosenbrock --opt sgd --opt adam --opt esgd --opt esgd-m --steps 500 --seeds 1
+# --lrs 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,0.3,1`, best final loss per optimizer (SGD diverges above 1e-3).
 register_optimizer(OptimizerSpec(
     name="esgd-m", factory=ESGD, second_order=True,
     description="ESGD-M: Hessian-diagonal preconditioning with quasi-hyperbolic (Nesterov) momentum",
@@ -130,12 +247,12 @@ register_optimizer(OptimizerSpec(
 register_optimizer(OptimizerSpec(
     name="esgd", factory=PlainESGD, second_order=True,
     description="Plain ESGD (Dauphin et al. 2015): running average of (Hz)^2, Gaussian probes, no momentum",
-    defaults={}, lrs={"*": 0.1}))
+    defaults={}, lrs={"*": 0.1, "rosenbrock": 1.0}))
 register_optimizer(OptimizerSpec(
-    name="sgd", factory=_sgd, second_order=False,
+    name="sgd", factory=torch.optim.SGD, second_order=False,
     description="SGD with Nesterov momentum 0.9",
-    defaults={"momentum": 0.9, "nesterov": True}, lrs={"*": 0.01}))
+    defaults={"momentum": 0.9, "nesterov": True}, lrs={"*": 0.01, "rosenbrock": 1e-3}))
 register_optimizer(OptimizerSpec(
-    name="adam", factory=_adam, second_order=False,
+    name="adam", factory=torch.optim.Adam, second_order=False,
     description="Adam (torch.optim.Adam, foreach)",
-    defaults={}, lrs={"*": 1e-3}))
+    defaults={}, lrs={"*": 1e-3, "rosenbrock": 1.0}))

@@ -1,0 +1,122 @@
+"""Rich output of ``esgd-bench run`` / ``sweep`` (issue 4): live progress bars and the end-of-run tables.
+
+One bar per (task, optimizer, lr, seed) cell with steps/s, the current loss and the ETA, as rich's
+``Progress`` documents; the summary table gives mean ± sample std over seeds per optimizer
+(:func:`bench.results.aggregate_summary`).  Kept apart from ``cli.py`` so the command functions stay thin.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeRemainingColumn)
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from .results import aggregate_summary
+from .runner import Cell, Reporter, RunResult
+
+__all__ = ["RichReporter", "summary_table", "sweep_table", "fmt"]
+
+
+class _Rate(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f}/s" if speed else "--/s", style="cyan")
+
+
+def _label(cell: Cell, show_lr: bool) -> str:
+    lr = f" lr={cell.lr:g}" if show_lr else ""
+    return f"{cell.task} {cell.optimizer}{lr} seed {cell.seed}"
+
+
+class RichReporter(Reporter):
+    """A :class:`~bench.runner.Reporter` that draws one rich progress bar per cell."""
+
+    def __init__(self, console: Console, show_lr: bool = False) -> None:
+        self.console, self.show_lr = console, show_lr
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 _Rate(), TextColumn("loss {task.fields[loss]}"),
+                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self.ids: dict[tuple, Any] = {}
+        self.totals: dict[tuple, int] = {}
+
+    def __enter__(self) -> "RichReporter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ids:
+            self.progress.stop()
+
+    def add(self, cell: Cell, steps: int, done: RunResult | None = None) -> None:
+        if not self.ids:    # start drawing only once the inputs have been checked and cells planned
+            self.progress.start()
+        status = f"{done.status} (resumed)" if done else ""
+        loss = fmt(done.summary.get("final_loss")) if done else "--"
+        self.totals[cell.key] = steps
+        self.ids[cell.key] = self.progress.add_task(_label(cell, self.show_lr), total=steps,
+                                                    completed=steps if done else 0, loss=loss, status=status)
+
+    def update(self, cell: Cell, step: int, loss: float) -> None:
+        self.progress.update(self.ids[cell.key], completed=step, loss=fmt(loss))
+
+    def finish(self, cell: Cell, result: RunResult) -> None:
+        style = {"ok": "green", "diverged": "yellow"}.get(result.status, "red")
+        loss = result.summary.get("final_loss")
+        self.progress.update(self.ids[cell.key], loss=fmt(loss), status=f"[{style}]{result.status}[/]")
+        if result.status == "ok":
+            self.progress.update(self.ids[cell.key], completed=self.totals[cell.key])
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "--"
+    if math.isnan(value):
+        return "--"
+    return f"{value:.{digits}g}"
+
+
+def _pm(mean: float, std: float, digits: int = 4) -> str:
+    if isinstance(mean, float) and math.isnan(mean):
+        return "--"
+    return fmt(mean, digits) + ("" if math.isnan(std) else f"±{fmt(std, 1)}")
+
+
+def summary_table(summary: pd.DataFrame) -> list[Table]:
+    """One table per task: mean ± std over the seeds that finished ok, per optimizer and lr."""
+    agg = aggregate_summary(summary)
+    tables = []
+    for task, rows in agg.groupby("task", sort=False):
+        metric = rows["eval_metric"].iloc[0]
+        table = Table(title=f"{task}: mean ± std over seeds (ok runs)", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("optimizer", "lr", "ok", "final loss", metric, "step ms", "HVP ms", "wall s", "peak MB"):
+            table.add_column(col, justify="left" if col == "optimizer" else "right")
+        for r in rows.to_dict("records"):
+            runs = r["runs"] + (f" {r['statuses']}" if r["statuses"] else "")
+            table.add_row(r["optimizer"], fmt(r["lr"], 3), runs,
+                          _pm(r["final_loss_mean"], r["final_loss_std"], 3),
+                          _pm(r["eval_value_mean"], r["eval_value_std"], 3),
+                          _pm(r["step_time_ms_mean"], r["step_time_ms_std"], 3),
+                          _pm(r["hvp_time_ms_mean"], r["hvp_time_ms_std"], 3),
+                          fmt(r["wall_time_s_mean"], 3), fmt(r["peak_mem_mb_mean"], 4))
+        tables.append(table)
+    return tables
+
+
+def sweep_table(best: pd.DataFrame) -> Table:
+    table = Table(title="Learning-rate sweep: mean final loss over seeds (* = best)")
+    for col in ("task", "optimizer", "lr", "runs ok", "final loss"):
+        table.add_column(col, justify="left" if col in ("task", "optimizer") else "right")
+    for r in best.to_dict("records"):
+        loss = "failed" if math.isinf(r["mean_final_loss"]) else _pm(r["mean_final_loss"], r["std_final_loss"])
+        mark = "[bold green]*[/]" if r["best"] else ""
+        table.add_row(r["task"], r["optimizer"], f"{r['lr']:g}{mark}", r["runs"], loss)
+    return table

@@ -1,0 +1,159 @@
+"""The esgd-bench command line through Typer's CliRunner: good paths and every bad input (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tasks
+from bench.optimizers import list_optimizers
+from bench.results import METRICS_COLUMNS, SUMMARY_COLUMNS
+from cli import app
+
+runner = CliRunner(env={"COLUMNS": "250"})
+STEPS = "30"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_version():
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.stdout.startswith("esgd-bench ")
+
+
+def test_run_writes_the_store(tmp_path):
+    out = tmp_path / "d"
+    res = invoke("run", "rosenbrock", "--opt", "esgd-m", "--opt", "esgd", "--opt", "sgd", "--opt", "adam",
+                 "--seeds", 2, "--steps", STEPS, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert str(out) in res.stdout and "mean ± std" in res.stdout
+    summary, metrics = pd.read_csv(out / "summary.csv"), pd.read_csv(out / "metrics.csv")
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(SUMMARY_COLUMNS) <= set(summary.columns) and set(METRICS_COLUMNS) <= set(metrics.columns)
+    assert len(summary) == 8 and (summary["status"] == "ok").all()
+    esgd_m = summary[summary["optimizer"] == "esgd-m"]
+    assert (esgd_m["hvp_steps"] > 0).all() and (esgd_m["hvp_time_ms"] > 0).all()
+    assert summary[summary["optimizer"].isin(["sgd", "adam"])]["hvp_time_ms"].isna().all()
+    assert len(metrics) == 8 * int(STEPS)
+    for key in ("command", "config", "environment", "data_sources", "started", "finished", "jobs"):
+        assert meta[key] is not None
+    assert meta["environment"]["torch"] == torch.__version__ and meta["config"]["steps"] == int(STEPS)
+
+
+def test_run_two_tasks_config_file_and_options(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'opt = ["adam:lr=0.1"]\nseeds = 1\nsteps = {STEPS}\n[options]\n"rosenbrock.dim" = "4"\n')
+    out = tmp_path / "two"
+    res = invoke("run", "rosenbrock", "quadratic", "--config", cfg, "--out", out, "--option", "quadratic.dim=3")
+    assert res.exit_code == 0, res.output
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["task"].tolist() == ["rosenbrock", "quadratic"] and (summary["lr"] == 0.1).all()
+    assert summary["optimizer"].tolist() == ["adam:lr=0.1"] * 2
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tasks"]["rosenbrock"]["parameters"] == 4 and meta["tasks"]["quadratic"]["parameters"] == 3
+
+
+def test_sweep_reports_best_lr(tmp_path):
+    out = tmp_path / "s"
+    res = invoke("sweep", "rosenbrock", "--opt", "sgd", "--lrs", "1e-4,1e-3,1", "--seeds", 1, "--steps", STEPS,
+                 "--out", out)
+    assert res.exit_code == 0, res.output
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["lr"]) == [1e-4, 1e-3, 1.0]
+    assert summary.set_index("lr").loc[1.0, "status"] == "diverged"
+    assert "best lr for sgd on rosenbrock: 0.001" in res.stdout
+
+
+def test_resume_skips_finished(tmp_path):
+    out = tmp_path / "r"
+    assert invoke("run", "rosenbrock", "--opt", "adam", "--seeds", 1, "--steps", STEPS, "--out", out).exit_code == 0
+    first = pd.read_csv(out / "summary.csv")
+    res = invoke("run", "rosenbrock", "--opt", "adam", "--opt", "sgd", "--seeds", 1, "--steps", STEPS,
+                 "--out", out, "--resume")
+    assert res.exit_code == 0, res.output
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["optimizer"].tolist() == ["adam", "sgd"]
+    assert summary.iloc[0]["wall_time_s"] == first.iloc[0]["wall_time_s"]      # not re-run
+
+
+def test_ctrl_c_exits_130_and_keeps_the_store(tmp_path, monkeypatch):
+    import bench.display
+
+    def interrupt(self, cell, step, loss):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.display.RichReporter, "update", interrupt)
+    out = tmp_path / "i"
+    res = invoke("run", "rosenbrock", "--opt", "adam", "--opt", "sgd", "--seeds", 1, "--steps", STEPS, "--out", out)
+    assert res.exit_code == 130 and "interrupted" in res.stderr
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["status"].tolist() == ["interrupted"] and len(pd.read_csv(out / "metrics.csv")) == 1
+
+
+@pytest.mark.parametrize("kind, names", [("tasks", [t.name for t in tasks.list_tasks()]),
+                                         ("optimizers", [o.name for o in list_optimizers()])])
+def test_registry_tables(kind, names):
+    res = invoke(kind)
+    assert res.exit_code == 0
+    for name in names:
+        assert name in res.stdout
+    one = invoke(kind, names[0])
+    assert one.exit_code == 0 and names[0] in one.stdout
+
+
+def _bad_inputs(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{oops")
+    unknown_key = tmp_path / "k.json"
+    unknown_key.write_text('{"stepz": 3}')
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "summary.csv").write_text("task\n")
+    run = ["run", "rosenbrock", "--steps", "5", "--out", str(tmp_path / "o")]
+    return [
+        (["run", "rosenbrok"], "Did you mean 'rosenbrock'"),
+        (run + ["--opt", "adamm"], "Did you mean 'adam'"),
+        (run + ["--opt", "adam:lrr=1"], "Did you mean 'lr'"),
+        (run + ["--opt", "adam:lr=x"], "bad value for lr"),
+        (["run", "rosenbrock", "--steps", "abc"], "--steps"),
+        (run + ["--steps", "0"], "--steps"),
+        (run + ["--seeds", "-1"], "--seeds"),
+        (run + ["--lr", "-1"], "--lr"),
+        (run + ["--lr", "inf"], "--lr"),
+        (run + ["--jobs", "0"], "--jobs"),
+        (run + ["--device", "tpu"], "--device"),
+        (["run", "rosenbrock", "--out", str(blocker / "sub")], "cannot write"),
+        (["run", "rosenbrock", "--out", str(taken)], "--resume"),
+        (run + ["--option", "dim"], "key=value"),
+        (run + ["--option", "width=64"], "no option 'width'"),
+        (run + ["--option", "dim=abc"], "dim"),
+        (run + ["--config", str(tmp_path / "missing.json")], "--config"),
+        (run + ["--config", str(bad_json)], "not valid JSON"),
+        (run + ["--config", str(unknown_key)], "stepz"),
+        (["sweep", "rosenbrock"], "--opt"),
+        (["sweep", "rosenbrock", "--opt", "sgd", "--lrs", "1e-3,abc"], "--lrs"),
+        (["sweep", "rosenbrock", "--opt", "sgd:lr=1"], "fixes lr"),
+        (["tasks", "nosuch*"], "no task matches"),
+        (["optimizers", "nosuch*"], "no optimizer matches"),
+        (["run", "cifar", "--data-dir", str(tmp_path / "empty"), "--steps", "1"], "CIFAR"),
+        (["run"], "Missing argument"),
+        (["run", "rosenbrock", "--bogus"], "No such option"),
+    ] + ([] if torch.cuda.is_available() else [(run + ["--device", "cuda"], "CUDA is not available")])
+
+
+def test_bad_inputs_one_line_exit_2(tmp_path):
+    for args, fragment in _bad_inputs(tmp_path):
+        res = invoke(*args)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2, (args, res.output)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (args, res.stderr)
+        assert "Traceback" not in res.output
+        assert not (tmp_path / "o" / "summary.csv").exists()
