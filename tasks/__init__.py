@@ -2,7 +2,8 @@
 
 Every module in this package that defines ``TASK`` (a :class:`~tasks.base.TaskSpec`) or ``TASKS`` (a list
 of them) is registered.  Scaled variants of every task (``<task>-loss-x<n>``, ``<task>-params-x<n>``) are
-built on demand by :mod:`tasks.scaled`, for any factor ``n``.
+built on demand by :mod:`tasks.scaled`, for any factor ``n``.  Installed packages add tasks through the
+``esgd_bench.tasks`` entry point group (see :mod:`bench.plugins`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import fnmatch
 import importlib
 import pkgutil
 
-from .base import Problem, TaskConfig, TaskDataError, TaskSpec
+from .base import Problem, TaskConfig, TaskDataError, TaskOptionError, TaskSpec
 
-__all__ = ["Problem", "TaskConfig", "TaskDataError", "TaskSpec", "UnknownTaskError", "get_task",
-           "list_tasks", "build_task"]
+__all__ = ["Problem", "TaskConfig", "TaskDataError", "TaskOptionError", "TaskSpec", "UnknownTaskError",
+           "get_task", "list_tasks", "build_task"]
 
 _SKIP = {"base", "scaled", "data"}
 
@@ -47,7 +48,10 @@ _BASE: dict[str, TaskSpec] | None = None
 def _base_tasks() -> dict[str, TaskSpec]:
     global _BASE
     if _BASE is None:
-        _BASE = _discover()
+        from bench import plugins     # third-party tasks: the esgd_bench.tasks entry points
+        found = _discover()
+        found.update(plugins.load_task_plugins(found))
+        _BASE = found
     return _BASE
 
 

@@ -10,16 +10,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["TaskSpec", "TaskConfig", "Problem", "TaskDataError"]
+__all__ = ["TaskSpec", "TaskConfig", "Problem", "TaskDataError", "TaskOptionError", "resolve_options"]
 
 
 class TaskDataError(RuntimeError):
     """The data a task needs is missing; the message says where it looked and the ways out."""
+
+
+class TaskOptionError(ValueError):
+    """A task option that the task does not have, or a value of the wrong kind."""
+
+
+def resolve_options(task: str, defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``given``; values are coerced to the default's type (the CLI passes
+    strings), and an unknown name is an error rather than a silently ignored typo."""
+    out = dict(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise TaskOptionError(f"task {task!r} has no option {key!r} (options: {known})")
+        kind = type(defaults[key])
+        if defaults[key] is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            out[key] = value
+            continue
+        try:
+            if kind is bool:
+                text = str(value).strip().lower()
+                if text not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                    raise ValueError(text)
+                out[key] = text in {"1", "true", "yes", "on"}
+            elif kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            else:
+                out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise TaskOptionError(f"task {task!r}: option {key}={value!r} is not a valid "
+                                  f"{kind.__name__}") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -71,3 +103,5 @@ class TaskSpec:
     target: float | None = None            # default target of eval_metric for time-to-target
     default_eval_every: int = 50
     base: str | None = None                # for scaled variants: the task they scale
+    # option names and their defaults (``TaskConfig.options`` may set them); not hashed: a dict
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)

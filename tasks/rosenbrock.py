@@ -10,7 +10,9 @@ import itertools
 import torch
 from torch import nn
 
-from .base import Problem, TaskConfig, TaskSpec
+from .base import Problem, TaskConfig, TaskSpec, resolve_options
+
+OPTIONS = {"dim": 2}
 
 
 class Rosenbrock(nn.Module):
@@ -25,7 +27,7 @@ class Rosenbrock(nn.Module):
 
 
 def build(config: TaskConfig) -> Problem:
-    dim = int(config.options.get("dim", 2))
+    dim = resolve_options("rosenbrock", OPTIONS, config.options)["dim"]
     if dim < 2:
         raise ValueError(f"rosenbrock: dim must be >= 2, got {dim}")
     model = Rosenbrock(dim).to(config.device)
@@ -40,4 +42,5 @@ def build(config: TaskConfig) -> Problem:
 
 TASK = TaskSpec(name="rosenbrock", description="Rosenbrock function, 2-D from (-1.5, 2); option dim=N chains it",
                 build=build, default_steps=500, default_batch_size=1, data_source="none (analytic)",
-                eval_metric="dist", higher_is_better=False, target=1e-2, default_eval_every=50)
+                eval_metric="dist", higher_is_better=False, target=1e-2, default_eval_every=50,
+                options=OPTIONS)
