@@ -1,13 +1,17 @@
 """esgd: ESGD-M and plain ESGD, stochastic second-order optimizers for PyTorch.
 
 ``ESGD`` is ESGD-M as shared/ESGD-M.md specifies it (Dauphin et al. 2015 with the quasi-hyperbolic momentum
-of Ma & Yarats 2019); ``PlainESGD`` is the paper's original method, kept for comparison.
+of Ma & Yarats 2019); ``PlainESGD`` is the paper's original method, kept for comparison.  ``AdaHessian``
+(Yao et al. 2021) and ``Sophia`` (Sophia-H, Liu et al. 2023) are the second-order peers it is compared with.
 """
 
 from ._base import DoubleBackwardUnsupportedError, HessianOptimizer, MissingGraphError
+from .adahessian import AdaHessian, adahessian
 from .esgd_m import ESGD, ESGDMax, esgd_m
 from .plain import PlainESGD, esgd_plain
+from .sophia import Sophia, sophia
 
 __all__ = ["ESGD", "ESGDMax", "PlainESGD", "HessianOptimizer", "MissingGraphError",
-           "DoubleBackwardUnsupportedError", "esgd_m", "esgd_plain"]
+           "DoubleBackwardUnsupportedError", "esgd_m", "esgd_plain", "AdaHessian", "adahessian", "Sophia",
+           "sophia"]
 __version__ = "0.1.0"

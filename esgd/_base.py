@@ -279,8 +279,12 @@ class HessianOptimizer(Optimizer):
         self._probes.clear()
         self._hvp_sums.clear()
         self._update(hvp_step, hvps)
+        # shared/ESGD-M.md: the counter is reset on an HVP step and, like steps_done, grows by one
+        # after every step, so with update_d_every=10 one step in ten computes a product.
+        if hvp_step:
+            self.steps_since_hvp = 0
         self.steps_done += 1
-        self.steps_since_hvp = 0 if hvp_step else self.steps_since_hvp + 1
+        self.steps_since_hvp += 1
         return loss
 
     def _update(self, hvp_step: bool, hvps: dict[torch.Tensor, torch.Tensor] | None) -> None:

@@ -99,7 +99,7 @@ def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_
                 new[i] = p - step_size * m_hat / (corr * denom)
         params = new
         steps_done += 1
-        since_hvp = 0 if hvp_step else since_hvp + 1
+        since_hvp = 1 if hvp_step else since_hvp + 1   # reset, then grows by 1 like steps_done
         trajectory.append([p.clone() for p in params])
     return trajectory
 
@@ -123,6 +123,6 @@ def esgd_plain_reference(init, x, y, *, steps, probes, lr, eps, weight_decay=0.0
         params = [p * (1 - lr * weight_decay) - lr * gi / (torch.sqrt(ds / count) + eps)
                   for p, gi, ds in zip(params, g, dsum)]
         steps_done += 1
-        since_hvp = 0 if hvp_step else since_hvp + 1
+        since_hvp = 1 if hvp_step else since_hvp + 1   # reset, then grows by 1 like steps_done
         trajectory.append([p.clone() for p in params])
     return trajectory

@@ -142,7 +142,7 @@ def test_reference_steps_actually_move():
     x, y, init = make_data(1)
     got, probes = run_optimizer(lambda ps: ESGD(ps, generator=torch.Generator().manual_seed(3)), init, x, y)
     assert (got[-1][0] - init[0]).abs().max() > 1e-2
-    # d_warmup=20 HVP steps, then one every 11th step (10 plain steps in between): indices 30 and 41.
+    # d_warmup=20 HVP steps, then one every 10 steps (9 plain steps in between): indices 29 and 39.
     assert len(probes) == 22
     assert not torch.equal(probes[0][0], probes[1][0])
 
