@@ -1,0 +1,193 @@
+"""Loss and evaluation curves from result directories (issue 5), drawn with matplotlib's Agg backend.
+
+Each optimizer is one line: the mean over seeds, with a shaded min-max band over the same seeds (the
+legend says so, a band is not a confidence interval).  The x-axis is the optimizer step or the training
+wall-clock time (mean over seeds at each step, evaluation excluded as the runner logs it).  HVP steps of
+second-order optimizers are marked on the loss curves, so the cost of the Hessian information is visible
+where it is paid.  Runs on synthetic data say so in the title: their curves say nothing about real data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless everywhere: CI, servers, the CLI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+__all__ = ["FORMATS", "eval_column", "curve_frame", "plot_curves", "save_figure", "check_image_path",
+           "plot_results"]
+
+FORMATS = (".png", ".svg", ".pdf")
+XAxis = Literal["step", "time"]
+Metric = Literal["loss", "eval"]
+
+# Fixed colours per optimizer so that every figure of a report reads the same way.
+_COLOURS = {"esgd-m": "tab:red", "esgd": "tab:orange", "sgd": "tab:blue", "adam": "tab:green"}
+
+
+def _colour(name: str, index: int) -> str:
+    base = name.split(":")[0]
+    if base in _COLOURS:
+        return _COLOURS[base]
+    others = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c not in _COLOURS.values()]
+    return others[index % len(others)] if others else f"C{index % 10}"
+
+
+def eval_column(metrics: pd.DataFrame, summary: pd.DataFrame | None, task: str) -> str | None:
+    """The ``eval_<key>`` column holding ``task``'s eval metric (the summary names it), else the first one."""
+    if summary is not None and "eval_metric" in summary and len(summary):
+        names = summary.loc[summary["task"] == task, "eval_metric"].dropna().unique()
+        for name in names:
+            if f"eval_{name}" in metrics:
+                return f"eval_{name}"
+    cols = [c for c in metrics.columns if c.startswith("eval_")]
+    return cols[0] if cols else None
+
+
+def curve_frame(metrics: pd.DataFrame, *, value: str, x: XAxis = "step") -> pd.DataFrame:
+    """Per (task, label, step): x position, mean/min/max of ``value`` over seeds, seed count, HVP flag
+    (``label`` is the optimizer, with its lr when a sweep ran several: :func:`bench.tables.add_labels`).
+
+    Steps where ``value`` was not logged (evaluation every N steps) are dropped first, so the mean is
+    always over the seeds that have the value at that step.
+    """
+    need = {"task", "label", "seed", "step", value}
+    missing = need - set(metrics.columns)
+    if missing:
+        raise ValueError(f"metrics have no column(s) {', '.join(sorted(missing))}")
+    df = metrics[np.isfinite(pd.to_numeric(metrics[value], errors="coerce"))].copy()
+    df[value] = df[value].astype(float)
+    if "is_hvp_step" not in df:
+        df["is_hvp_step"] = False
+    df["is_hvp_step"] = df["is_hvp_step"].astype(str).str.lower().isin({"true", "1", "1.0"})
+    agg = {"mean": (value, "mean"), "min": (value, "min"), "max": (value, "max"),
+           "seeds": ("seed", "nunique"), "hvp": ("is_hvp_step", "any")}
+    if x == "time":
+        if "wall_time_s" not in df:
+            raise ValueError("metrics have no wall_time_s column, cannot plot against time")
+        agg["x"] = ("wall_time_s", "mean")
+    out = df.groupby(["task", "label", "step"], sort=False).agg(**agg).reset_index()
+    if x == "step":
+        out["x"] = out["step"].astype(float)
+    return out
+
+
+def plot_curves(metrics: pd.DataFrame, summary: pd.DataFrame | None = None, *, x: XAxis = "step",
+                metric: Metric = "loss", log_y: bool = False, synthetic: bool | None = None,
+                title: str | None = None) -> Figure:
+    """One panel per task, one line per optimizer (mean over seeds) with its min-max band."""
+    if x not in ("step", "time"):
+        raise ValueError(f"x must be 'step' or 'time', got {x!r}")
+    if metric not in ("loss", "eval"):
+        raise ValueError(f"metric must be 'loss' or 'eval', got {metric!r}")
+    if metrics.empty:
+        raise ValueError("no metrics to plot")
+    from .tables import add_labels
+    metrics, labelled = add_labels(metrics, summary if summary is not None else metrics)
+    summary = labelled if summary is not None else None
+    tasks = list(dict.fromkeys(metrics["task"]))
+    if synthetic is None:
+        synthetic = _any_synthetic(summary)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        part = metrics[metrics["task"] == task]
+        value = "loss" if metric == "loss" else eval_column(part, summary, task)
+        if value is None:
+            raise ValueError(f"task {task!r} has no evaluation columns (eval_*) to plot")
+        curves = curve_frame(part, value=value, x=x)
+        if curves.empty:
+            raise ValueError(f"task {task!r} has no finite {value} values to plot")
+        for i, (opt, c) in enumerate(curves.groupby("label", sort=False)):
+            c = c.sort_values("step")
+            colour = _colour(opt, i)
+            seeds = int(c["seeds"].max())
+            ax.plot(c["x"], c["mean"], color=colour, lw=1.6, label=f"{opt} (mean of {seeds} seed"
+                    f"{'s' if seeds != 1 else ''}{_failures(summary, task, opt)})")
+            if seeds > 1:
+                ax.fill_between(c["x"], c["min"], c["max"], color=colour, alpha=0.18, lw=0)
+            hvp = c[c["hvp"]]
+            if metric == "loss" and len(hvp):
+                ax.plot(hvp["x"], hvp["mean"], ls="none", marker="|", ms=7, mew=0.9, color=colour,
+                        alpha=0.8)
+        ax.set_xlabel("optimizer step" if x == "step" else "training wall-clock time (s)")
+        ax.set_ylabel("training loss (unscaled)" if metric == "loss" else value.removeprefix("eval_"))
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_title(task)
+        ax.grid(True, alpha=0.3, which="both" if log_y else "major")
+        # Proxy artists for what the band and the ticks mean: a reader should not have to guess.
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(plt.Rectangle((0, 0), 1, 1, color="grey", alpha=0.25))
+        labels.append("band: min-max over seeds")
+        if metric == "loss" and curves["hvp"].any():
+            handles.append(plt.Line2D([], [], ls="none", marker="|", ms=7, color="grey"))
+            labels.append("HVP step (Hessian-vector product)")
+        ax.legend(handles, labels, fontsize=8, loc="best")
+    heading = title or ("Training loss" if metric == "loss" else "Evaluation metric")
+    if synthetic:
+        heading += " — SYNTHETIC DATA (says nothing about real data)"
+    fig.suptitle(heading, color="darkred" if synthetic else "black")
+    fig.tight_layout()
+    return fig
+
+
+def _failures(summary: pd.DataFrame | None, task: str, label: str) -> str:
+    """``", 1 diverged"``: the mean is over fewer seeds after a run stopped, the legend must say so."""
+    if summary is None or "status" not in summary:
+        return ""
+    runs = summary[(summary["task"] == task) & (summary["label"] == label)]
+    bad = runs["status"].astype(str)[runs["status"].astype(str) != "ok"].value_counts()
+    return "".join(f", {n} {status}" for status, n in bad.items())
+
+
+def _any_synthetic(summary: pd.DataFrame | None) -> bool:
+    if summary is None or "synthetic" not in summary:
+        return False
+    return bool(summary["synthetic"].astype(str).str.lower().isin({"true", "1", "1.0"}).any())
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Save atomically (temp file in the same folder, then rename); the format comes from the suffix."""
+    try:
+        path = check_image_path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fig.savefig(fh, format=path.suffix.lower()[1:], dpi=130, bbox_inches="tight")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def check_image_path(path: str | os.PathLike) -> Path:
+    """``path`` if it names an image we can write (known suffix, existing folder), else ValueError."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"unsupported image format {path.suffix or '(none)'!r} for {path}; "
+                         f"use one of {', '.join(FORMATS)}")
+    if not path.parent.is_dir():
+        raise ValueError(f"folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"folder {path.parent} is not writable")
+    return path
+
+
+def plot_results(dirs: list[str | os.PathLike], out: str | os.PathLike, *, x: XAxis = "step",
+                 metric: Metric = "loss", log_y: bool = False) -> Path:
+    """Load result directories and save their curves to ``out``."""
+    from .tables import load_results
+    metrics, summary, _ = load_results(dirs)
+    check_image_path(out)
+    return save_figure(plot_curves(metrics, summary, x=x, metric=metric, log_y=log_y), out)
