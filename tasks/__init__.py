@@ -63,11 +63,10 @@ def get_task(name: str) -> TaskSpec:
     parsed = scaled.parse_name(name)
     if parsed is not None and parsed[0] in base:
         return scaled.scaled_task(base[parsed[0]], parsed[1], parsed[2])
-    valid = [t.name for t in list_tasks()]
-    close = difflib.get_close_matches(name, valid, n=1)
+    close = difflib.get_close_matches(name, [t.name for t in list_tasks()], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise UnknownTaskError(f"unknown task {name!r}.{hint} Valid names: {', '.join(valid)} "
-                           "(scaled variants take any factor, e.g. mnist-loss-x1000)")
+    raise UnknownTaskError(f"unknown task {name!r}.{hint} Valid names: {', '.join(sorted(base))}, and their "
+                           "scaled variants <task>-loss-x<n> and <task>-params-x<n> (e.g. mnist-loss-x1000)")
 
 
 def list_tasks(pattern: str = "*", *, variants: bool = True) -> list[TaskSpec]:
