@@ -38,9 +38,12 @@ import pandas as pd
 import torch
 
 import tasks
+from esgd import DoubleBackwardUnsupportedError
 from tasks import TaskConfig, TaskDataError
 
 from . import results as store
+from .compiled import compile_model, double_backward_error, hvp_overrides
+from .distributed import ScaledStep, backend_for, run_cells, split_batch, world_and_rank
 from .optimizers import (create_optimizer, default_lr, format_opt_spec, get_optimizer,
                          needs_create_graph, parse_opt_spec)
 from .timing import Clock, PeakMemory, attribute_hvp_cost, summarise_timings
@@ -79,7 +82,8 @@ class RunResult:
 def train(task: str, optimizer: str, *, seed: int = 0, steps: int | None = None,
           overrides: dict | None = None, task_config: TaskConfig | None = None,
           eval_every: int | None = None,
-          progress_callback: Callable[[int, float], None] | None = None) -> RunResult:
+          progress_callback: Callable[[int, float], None] | None = None,
+          accumulate: int = 1, compile: bool = False) -> RunResult:
     """Train ``optimizer`` (a registry name or a ``name:key=value`` spec) on ``task`` for ``steps`` steps.
 
     ``overrides`` are extra optimizer keyword arguments on top of the spec's; the learning rate is
@@ -89,6 +93,12 @@ def train(task: str, optimizer: str, *, seed: int = 0, steps: int | None = None,
     ``KeyboardInterrupt`` raised anywhere in the loop ends the run with status ``"interrupted"``.
     Statuses: ``ok``, ``diverged``, ``interrupted``, ``error`` (an exception inside the loop; the
     summary's ``error`` column has its message).  Task and optimizer construction errors propagate.
+
+    ``accumulate`` splits each batch into that many micro-batches per optimizer step; inside a
+    ``torch.distributed`` process group each rank trains on its shard of the batch through DDP (see
+    :mod:`bench.distributed`); ``compile`` compiles the model in place and gives second-order optimizers
+    finite-difference products (:mod:`bench.compiled`).  A model that cannot be differentiated twice
+    raises :class:`esgd.DoubleBackwardUnsupportedError` (an input error, not a failed cell).
     """
     spec_task = tasks.get_task(task)
     name, spec_overrides = parse_opt_spec(optimizer)
@@ -104,8 +114,19 @@ def train(task: str, optimizer: str, *, seed: int = 0, steps: int | None = None,
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    _check_int("accumulate", accumulate)
+    if compile and world_and_rank()[0] > 1:
+        raise BenchError("--compile together with --nproc > 1 is not supported")
     problem = tasks.build_task(task, config)
+    if compile:
+        compile_model(problem.model)
+        kwargs.update(hvp_overrides(spec, kwargs, compile))
     opt = create_optimizer(spec, problem.model.parameters(), task=task, seed=seed, **kwargs)
+    plan = ScaledStep.make(problem, opt, accumulate=accumulate, second_order=spec.second_order)
+    fraction = getattr(opt, "hvp_fraction", 1.0)
+    if fraction < 1 and (plan is not None or getattr(opt, "hvp_method", "autograd") != "autograd"):
+        raise BenchError(f"{name}: hvp_fraction < 1 needs the exact product (hvp_method="
+                         "'autograd') and works without --accumulate, --nproc and --compile")
     lr = float(opt.param_groups[0]["lr"])
     label = format_opt_spec(name, spec_overrides)
     clock, memory = Clock(config.device), PeakMemory(config.device)
@@ -119,6 +140,8 @@ def train(task: str, optimizer: str, *, seed: int = 0, steps: int | None = None,
     initial = None
 
     def evaluate(row: dict[str, Any]) -> None:
+        if plan is not None and plan.rank > 0:    # rank 0 evaluates and reports for all ranks
+            return
         evals.update(problem.evaluate())
         row.update({f"eval_{k}": float(v) for k, v in evals.items()})
 
@@ -134,12 +157,16 @@ def train(task: str, optimizer: str, *, seed: int = 0, steps: int | None = None,
                 batch = next(batches)
                 t1 = clock()
                 opt.zero_grad(set_to_none=True)
-                loss = problem.loss(batch)
-                if second_order:
+                if plan is not None:
                     hvp_step = bool(is_hvp()) if callable(is_hvp) else needs_create_graph(opt)
-                    loss.backward(create_graph=needs_create_graph(opt))
+                    loss = plan.forward_backward(batch)
+                elif second_order:
+                    loss = problem.loss(batch)
+                    hvp_step = bool(is_hvp()) if callable(is_hvp) else needs_create_graph(opt)
+                    backward_with_hvp(problem, opt, batch, loss, fraction)
                 else:
                     hvp_step = False
+                    loss = problem.loss(batch)
                     loss.backward()
                 t2 = clock()
                 value = loss.item() / scale
@@ -147,7 +174,7 @@ def train(task: str, optimizer: str, *, seed: int = 0, steps: int | None = None,
                     initial = value
                 bad = not math.isfinite(value) or (initial > 0 and value > DIVERGENCE_FACTOR * initial)
                 if not bad:
-                    opt.step()
+                    opt.step() if plan is None else plan.step()
                 t3 = clock() if not bad else t2
                 wall += t3 - t0
                 row = {**head, "step": step, "wall_time_s": wall, "loss": value, "is_hvp_step": hvp_step,
@@ -164,7 +191,12 @@ def train(task: str, optimizer: str, *, seed: int = 0, steps: int | None = None,
                     progress_callback(step, value)
         except KeyboardInterrupt:
             status = "interrupted"
+        except (DoubleBackwardUnsupportedError, BenchError):
+            raise       # the same for every cell: an input error
         except Exception as err:    # noqa: BLE001 - recorded in the summary, the other cells go on
+            fatal = double_backward_error(err, label) if compile and second_order else None
+            if fatal is not None:
+                raise fatal from err
             status, error = "error", f"{type(err).__name__}: {err}"
     if status == "diverged" and rows:
         try:
@@ -180,8 +212,53 @@ def train(task: str, optimizer: str, *, seed: int = 0, steps: int | None = None,
         "wall_time_s": wall, **summarise_timings(rows), "peak_mem_mb": memory.peak_mb(),
         "status": status, "data_source": problem.data_source, "synthetic": bool(problem.synthetic),
         "device": str(config.device), "error": error,
+        "hvp_method": getattr(opt, "hvp_method", "") if second_order else "", "accumulate": accumulate,
+        "world_size": world_and_rank()[0], "compiled": bool(compile),
     }
+    if plan is not None:
+        plan.close()
     return RunResult(rows=rows, summary=summary, status=status)
+
+
+def sub_batch(batch: Any, fraction: float) -> Any:
+    """The first ``ceil(fraction * B)`` rows of a batch: a tensor, or a tuple/list of tensors that share
+    their first dimension B (the tasks' ``(x, y)``).  ``None`` when ``fraction >= 1`` or the batch has
+    no rows to take (rosenbrock's batch is ``None``): the caller then uses the whole batch."""
+    if fraction >= 1:
+        return None
+    parts = [batch] if isinstance(batch, torch.Tensor) else batch
+    if not isinstance(parts, (tuple, list)) or not parts \
+            or not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in parts):
+        return None
+    rows = {t.shape[0] for t in parts}
+    if len(rows) != 1:
+        return None
+    n = max(1, math.ceil(fraction * rows.pop()))
+    return batch[:n] if isinstance(batch, torch.Tensor) else type(batch)(t[:n] for t in parts)
+
+
+def backward_with_hvp(problem: Any, opt: torch.optim.Optimizer, batch: Any, loss: torch.Tensor,
+                      fraction: float = 1.0) -> None:
+    """The backward of a second-order optimizer's step, and on an HVP step its product.
+
+    ``fraction == 1``: ``backward(create_graph=...)`` and ``step()`` takes the exact product.  Below 1,
+    on an HVP step a plain backward gives the update's gradient and ``accumulate_hvp`` the product of
+    the loss on the batch's first ``ceil(fraction * B)`` rows (batches are shuffled, so a random subset),
+    Sophia's sub-batch estimate at about ``fraction`` of the exact product's cost.  The extra forward
+    must not move the model's buffers (BatchNorm running statistics), so they are restored after it.
+    """
+    part = sub_batch(batch, fraction) if needs_create_graph(opt) else None
+    if part is None:
+        loss.backward(create_graph=needs_create_graph(opt))
+        return
+    loss.backward()
+    buffers = [(b, b.detach().clone()) for b in problem.model.buffers()]
+    try:
+        opt.accumulate_hvp(problem.loss(part))
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 # -- the benchmark grid ------------------------------------------------------------------------------
@@ -206,9 +283,13 @@ class BenchConfig:
     jobs: int = 1
     resume: bool = False
     options: dict[str, Any] = field(default_factory=dict)   # "key" for every task, "task.key" for one
+    accumulate: int = 1                   # micro-batches per optimizer step (batch_size stays the step's)
+    nproc: int = 1                        # data-parallel processes (torch.distributed, DDP)
+    compile: bool = False                 # torch.compile the model; finite-difference HVPs
 
     FIELDS = ("tasks", "optimizers", "seeds", "steps", "lr", "lrs", "sweep", "batch_size", "eval_every",
-              "device", "out", "data_dir", "download", "synthetic", "jobs", "resume", "options")
+              "device", "out", "data_dir", "download", "synthetic", "jobs", "resume", "options", "accumulate",
+              "nproc", "compile")
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> "BenchConfig":
@@ -286,6 +367,12 @@ def _validate(config: BenchConfig) -> None:
     _check_int("--batch-size", config.batch_size, allow_none=True)
     _check_int("--eval-every", config.eval_every, allow_none=True)
     _check_int("--jobs", config.jobs)
+    _check_int("--accumulate", config.accumulate)
+    _check_int("--nproc", config.nproc)
+    if config.nproc > 1 and config.jobs > 1:
+        raise BenchError("--nproc and --jobs cannot be combined: each cell already uses --nproc processes")
+    if config.nproc > 1 and config.compile:
+        raise BenchError("--compile together with --nproc > 1 is not supported")
     if config.lr is not None:
         _check_lr("--lr", config.lr)
     for lr in config.lrs or []:
@@ -458,7 +545,7 @@ def _init_worker(progress: Any, stop: Any, threads: int) -> None:
 
 
 def _worker_run(index: int, cell: Cell, task_config: TaskConfig, steps: int | None,
-                eval_every: int | None) -> RunResult:
+                eval_every: int | None, accumulate: int = 1, compile: bool = False) -> RunResult:
     progress, stop = _WORKER["progress"], _WORKER["stop"]
 
     def callback(step: int, loss: float) -> None:
@@ -467,7 +554,7 @@ def _worker_run(index: int, cell: Cell, task_config: TaskConfig, steps: int | No
         progress.put((index, step, loss))
 
     return train(cell.task, cell.optimizer, seed=cell.seed, steps=steps, overrides=dict(cell.overrides),
-                 task_config=task_config, eval_every=eval_every,
+                 task_config=task_config, eval_every=eval_every, accumulate=accumulate, compile=compile,
                  progress_callback=_Throttle(callback, steps or 0, 0.25))
 
 
@@ -495,6 +582,11 @@ def run_benchmark(config: BenchConfig, *, reporter: Reporter | None = None,
             raise
         except (ValueError, TypeError) as err:
             raise BenchError(f"{t}: {err}") from None
+        if config.accumulate * config.nproc > 1:
+            try:
+                split_batch(next(problem.batches), config.accumulate * config.nproc)
+            except BenchError as err:
+                raise BenchError(f"{t}: {err}") from None
         task_meta[t] = {"description": specs[t].description, "steps": steps_of[t],
                         "eval_every": config.eval_every or specs[t].default_eval_every,
                         "batch_size": config.batch_size or specs[t].default_batch_size,
@@ -548,6 +640,8 @@ def run_benchmark(config: BenchConfig, *, reporter: Reporter | None = None,
         "environment": _environment(device), "jobs": config.jobs, "threads_per_job": threads,
         "peak_memory": PeakMemory(device).method, "timing": "see bench/timing.py",
         "sessions": meta.get("sessions", []) + [session],
+        "world_size": config.nproc, "backend": backend_for(device) if config.nproc > 1 else None,
+        "accumulate": config.accumulate, "compile": config.compile,
     }
     new_rows: list[dict[str, Any]] = []
     new_summary: list[dict[str, Any]] = []
@@ -585,14 +679,24 @@ def run_benchmark(config: BenchConfig, *, reporter: Reporter | None = None,
             todo.append(cell)
     write()
     interrupted = False
+    scaling = {"accumulate": config.accumulate, "compile": config.compile}
     try:
-        if config.jobs > 1 and len(todo) > 1:
+        if config.nproc > 1 and todo:
+            def on_result(cell: Cell, result: RunResult) -> None:
+                record(result)
+                reporter.finish(cell, result)
+
+            interrupted = run_cells(todo, nproc=config.nproc, device=device, tcfgs=tcfgs, steps_of=steps_of,
+                                    eval_every=config.eval_every, train_kwargs=scaling,
+                                    threads=max(1, (os.cpu_count() or 1) // config.nproc),
+                                    on_progress=reporter.update, on_result=on_result)
+        elif config.jobs > 1 and len(todo) > 1:
             interrupted = _run_parallel(todo, config, tcfgs, reporter, record, threads)
         else:
             for cell in todo:
                 result = train(cell.task, cell.optimizer, seed=cell.seed, steps=steps_of[cell.task],
                                overrides=dict(cell.overrides), task_config=tcfgs[cell.task],
-                               eval_every=config.eval_every,
+                               eval_every=config.eval_every, **scaling,
                                progress_callback=_Throttle(lambda s, l, c=cell: reporter.update(c, s, l),
                                                            steps_of[cell.task]))
                 record(result)
@@ -628,7 +732,8 @@ def _run_parallel(todo: list[Cell], config: BenchConfig, tcfgs: dict[str, TaskCo
         futures: dict[Future, tuple[int, Cell]] = {}
         for i, cell in enumerate(todo):
             fut = pool.submit(_worker_run, i, cell, tcfgs[cell.task], config.steps or
-                              tasks.get_task(cell.task).default_steps, config.eval_every)
+                              tasks.get_task(cell.task).default_steps, config.eval_every,
+                              config.accumulate, config.compile)
             futures[fut] = (i, cell)
         pending = set(futures)
 

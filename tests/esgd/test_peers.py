@@ -292,8 +292,10 @@ def test_finite_difference_products_follow_the_autograd_ones(cls):
             return value
         assert not opt.should_create_graph()
         opt.step(closure)
+    # the forward difference's relative error is ~1e-5 in float64 (tests/esgd/test_hvp_methods.py);
+    # AdaHessian divides by |z * Hz|, which amplifies it where that is small (measured 1.3e-3 here)
     for p, e in zip(params, exact[-1]):
-        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.detach(), e, rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("cls", PEERS)
