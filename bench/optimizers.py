@@ -6,7 +6,9 @@ default learning rates, a description and the ``second_order`` flag that tells t
 close match; ``list_optimizers`` filters with fnmatch.  ``parse_opt_spec`` reads the command line's
 ``name:key=value,...`` form (``adam:lr=3e-4,betas=(0.9,0.95)``) and ``validate_overrides`` checks the keys
 against the factory's signature and the values against its defaults' types, so a typo fails before any
-training with one line naming the optimizer, the key and the valid keys.
+training with one line naming the optimizer, the key and the valid keys.  Besides the registered names, a
+spec may name any ``torch.optim.Optimizer`` subclass as ``package.module:ClassName[:key=value,...]``, and
+installed packages may add entries through entry points; both live in :mod:`bench.plugins`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from esgd import ESGD, PlainESGD
+from . import plugins
+from esgd import ESGD, AdaHessian, ESGDMax, HessianOptimizer, PlainESGD, Sophia
 
 __all__ = ["OptimizerSpec", "UnknownOptimizerError", "OptimizerSpecError", "register_optimizer",
            "get_optimizer", "list_optimizers", "create_optimizer", "default_lr", "needs_create_graph",
-           "parse_opt_spec", "format_opt_spec", "validate_overrides", "option_names"]
+           "parse_opt_spec", "format_opt_spec", "validate_overrides", "option_names", "LOOP_OPTIONS"]
 
 
 class UnknownOptimizerError(LookupError):
@@ -63,7 +66,17 @@ def register_optimizer(spec: OptimizerSpec, *, replace: bool = False) -> Optimiz
     return spec
 
 
+def _load_plugins() -> None:
+    plugins.load_optimizer_plugins(register_optimizer)   # entry points, read once (bench/plugins.py)
+
+
 def get_optimizer(name: str) -> OptimizerSpec:
+    """A registered name, a plugin's name, or a ``package.module:ClassName`` reference."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if plugins.is_class_path(name):
+        return plugins.class_path_spec(name)
+    _load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -71,10 +84,12 @@ def get_optimizer(name: str) -> OptimizerSpec:
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownOptimizerError(
-            f"unknown optimizer {name!r}.{hint} Valid names: {', '.join(valid)}") from None
+            f"unknown optimizer {name!r}.{hint} Valid names: {', '.join(valid)}, or any "
+            "torch.optim.Optimizer subclass as package.module:ClassName") from None
 
 
 def list_optimizers(pattern: str = "*") -> list[OptimizerSpec]:
+    _load_plugins()
     return [_REGISTRY[n] for n in sorted(_REGISTRY) if fnmatch.fnmatch(n, pattern)]
 
 
@@ -107,13 +122,29 @@ def create_optimizer(name: str | OptimizerSpec, params: Iterable, *, task: str |
     if lr is not None:
         kwargs["lr"] = lr
     kwargs.update(overrides)
+    loop = {k: kwargs.pop(k) for k in LOOP_OPTIONS if k in kwargs}
     if spec.second_order and seed is not None and "generator" not in kwargs \
             and "generator" in inspect.signature(spec.factory).parameters:
         device = _first_device(params)
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         kwargs["generator"] = gen
-    return spec.factory(params, **kwargs)
+    opt = spec.factory(params, **kwargs)
+    if _takes_loop_options(spec):
+        # Read by the training loop (bench.runner), not by the optimizer: see LOOP_OPTIONS.
+        opt.hvp_fraction = float(loop.get("hvp_fraction", LOOP_OPTIONS["hvp_fraction"]))
+    return opt
+
+
+# Options of the training loop rather than of the optimizer's constructor, accepted by every spec whose
+# optimizer is a HessianOptimizer (it has accumulate_hvp(loss)).  hvp_fraction = f < 1 makes the loop take
+# each HVP step's product on the loss of the batch's first ceil(f * B) rows only (a plain backward gives
+# the update's gradient), the sub-batch estimate of Sophia (Liu et al. 2023); 1 is the exact product.
+LOOP_OPTIONS: dict[str, Any] = {"hvp_fraction": 1.0}
+
+
+def _takes_loop_options(spec: OptimizerSpec) -> bool:
+    return spec.second_order and isinstance(spec.factory, type) and issubclass(spec.factory, HessianOptimizer)
 
 
 def _first_device(params: list) -> torch.device:
@@ -131,8 +162,9 @@ _NO_OVERRIDE = {"params", "generator", "self"}
 def option_names(spec: OptimizerSpec) -> list[str]:
     """The hyperparameters a spec string may set: the factory's keyword arguments."""
     params = inspect.signature(spec.factory).parameters
-    return [n for n, p in params.items() if n not in _NO_OVERRIDE
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [n for n, p in params.items() if n not in _NO_OVERRIDE
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names + [k for k in LOOP_OPTIONS if _takes_loop_options(spec) and k not in names]
 
 
 def _split_top(text: str) -> list[str]:
@@ -169,8 +201,8 @@ def parse_opt_spec(text: str) -> tuple[str, dict[str, Any]]:
     (numbers, ``true``/``false``, ``none``, tuples such as ``(0.9,0.95)``) checked by
     :func:`validate_overrides`.
     """
-    name, _, rest = text.strip().partition(":")
-    spec = get_optimizer(name.strip().lower())
+    name, rest = _split_name(text)
+    spec = get_optimizer(name)
     overrides: dict[str, Any] = {}
     if rest.strip():
         for item in _split_top(rest):
@@ -182,8 +214,25 @@ def parse_opt_spec(text: str) -> tuple[str, dict[str, Any]]:
             if key in overrides:
                 raise OptimizerSpecError(f"bad optimizer spec {text!r}: {key!r} given twice")
             overrides[key] = _parse_value(value)
+    if "lr" not in overrides and default_lr(spec, None) is None and "lr" in option_names(spec):
+        raise OptimizerSpecError(f"{spec.name} has no default learning rate; give one in the spec, "
+                                 f"e.g. --opt {spec.name}:lr=1e-3")
     validate_overrides(spec, overrides)
     return spec.name, overrides
+
+
+def _split_name(text: str) -> tuple[str, str]:
+    """The name and the overrides' text; a ``package.module:ClassName`` reference keeps its case, and a
+    registered name wins over a reference (``adam:lr`` is a malformed spec, not ``import adam``)."""
+    ref = plugins.split_class_path(text)
+    if ref is not None:
+        head = ref[0].partition(":")[0].lower()
+        if head not in _REGISTRY:
+            _load_plugins()
+        if head not in _REGISTRY:
+            return ref
+    name, _, rest = text.strip().partition(":")
+    return name.strip().lower(), rest
 
 
 def format_opt_spec(name: str, overrides: Mapping[str, Any] | None = None) -> str:
@@ -216,6 +265,11 @@ def validate_overrides(spec: OptimizerSpec | str, overrides: Mapping[str, Any]) 
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptimizerSpecError(f"{spec.name}: unknown option {key!r}.{hint} "
                                      f"Valid options: {', '.join(valid)}")
+        if key in LOOP_OPTIONS and key not in params:
+            if not (_number(value) and 0 < value <= 1):
+                raise OptimizerSpecError(f"{spec.name}: bad value for {key}: {value!r} "
+                                         "(must be a fraction of the batch in (0, 1])")
+            continue
         default = spec.defaults.get(key, params[key].default)
         ok = True
         if isinstance(default, bool):
@@ -235,6 +289,8 @@ def validate_overrides(spec: OptimizerSpec | str, overrides: Mapping[str, Any]) 
         create_optimizer(spec, [torch.nn.Parameter(torch.zeros(1))], **kwargs)
     except (ValueError, TypeError) as err:
         raise OptimizerSpecError(f"{spec.name}: {err}") from None
+    except Exception as err:    # a user class (--opt module:Class) may reject overrides any way it likes
+        raise OptimizerSpecError(f"{spec.name}: {type(err).__name__}: {err}") from None
 
 
 # The learning rates below are filled in from `esgd-bench sweep` runs (see the README's table).  Rosenbrock:
@@ -244,6 +300,10 @@ register_optimizer(OptimizerSpec(
     name="esgd-m", factory=ESGD, second_order=True,
     description="ESGD-M: Hessian-diagonal preconditioning with quasi-hyperbolic (Nesterov) momentum",
     defaults={}, lrs={"*": 1.0}))
+register_optimizer(OptimizerSpec(
+    name="esgd-m-sub", factory=ESGD, second_order=True,
+    description="ESGD-M with the HVP on 1/8 of the batch (hvp_fraction=0.125; Sophia's sub-batch estimate)",
+    defaults={"hvp_fraction": 0.125}, lrs={"*": 1.0}))
 register_optimizer(OptimizerSpec(
     name="esgd", factory=PlainESGD, second_order=True,
     description="Plain ESGD (Dauphin et al. 2015): running average of (Hz)^2, Gaussian probes, no momentum",
@@ -256,3 +316,19 @@ register_optimizer(OptimizerSpec(
     name="adam", factory=torch.optim.Adam, second_order=False,
     description="Adam (torch.optim.Adam, foreach)",
     defaults={}, lrs={"*": 1e-3, "rosenbrock": 1.0}))
+register_optimizer(OptimizerSpec(
+    name="esgd-m-max", factory=ESGDMax, second_order=True,
+    description="ESGD-M keeping max(beta2 * d, (Hz)^2), an infinity norm, instead of the EMA; no bias correction",
+    defaults={}, lrs={"*": 1.0}))
+# The peers' rates are provisional, from short checks (lead: replace with `esgd-bench sweep` results):
+# rosenbrock 500 steps and quadratic 300 steps, `esgd-bench sweep TASK --opt adahessian --opt sophia --seeds 1
+# --lrs 1e-3,3e-3,1e-2,3e-2,0.1,0.3,1,2,4`; "*" from 30 steps of the small MNIST MLP (lrs 3e-3..0.15), where
+# AdaHessian's paper default 0.15 diverges at first and Sophia's best rate is far above its language-model ones.
+register_optimizer(OptimizerSpec(
+    name="adahessian", factory=AdaHessian, second_order=True,
+    description="AdaHessian (Yao et al. 2021): Adam with Hutchinson diag(H)^2, conv-kernel averaging, HVP every step",
+    defaults={}, lrs={"*": 0.03, "rosenbrock": 4.0, "quadratic": 0.3}))
+register_optimizer(OptimizerSpec(
+    name="sophia", factory=Sophia, second_order=True,
+    description="Sophia-H (Liu et al. 2023): momentum / max(rho * EMA of Hutchinson diag(H), eps), clipped to 1",
+    defaults={}, lrs={"*": 0.003, "rosenbrock": 0.1, "quadratic": 0.01}))

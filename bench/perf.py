@@ -1,0 +1,512 @@
+"""``esgd-bench perf`` (issue 6): what one training step of each optimizer costs, as ratios to Adam.
+
+Method, after the "benchmark side by side, interleave, take medians" advice of airbench and pytorch's
+``torch.utils.benchmark``: every optimizer variant trains its own copy of the same model (same seed) on
+the same task, with exactly the building blocks of :func:`bench.runner.train` (``backward_with_hvp``,
+:class:`bench.distributed.ScaledStep` for finite differences).  After a warm-up, each *round* runs one
+short cycle of every variant in turn (the order rotates from round to round) and times each step's two
+regions: ``zero_grad`` + forward + backward (plus a sub-batch product on its HVP steps), and
+``loss.item()`` + ``step()``.  A cycle is one HVP step followed by two plain steps (``update_d_every=3``,
+``d_warmup=1``, untimed steps in between if the schedule's period is longer: the per-step work does not
+depend on the schedule); the plain figures come from the steps
+that follow a plain step.  Ratios to Adam are taken within each round and then the median over rounds,
+so a load spike from the machine's other users hits both sides of a ratio.
+
+Ratios of compiled variants are to eager Adam. Derived figures: ``hvp_extra`` = HVP step - plain step;
+``hvp_grad_evals`` = ``hvp_extra`` / plain forward+backward (how many gradient evaluations one product
+costs); ``amortised`` = (9 plain + 1 HVP) / 10, the issue's "exact HVP every 10 steps" (the schedule with
+``update_d_every=10``, after its 20-step warm-up). A parameter-count sweep times MLPs of about 0.1 M, 1 M
+and 10 M parameters. Peak memory: each (task, variant) trains a few steps, HVP steps included, in a fresh
+process forked from a server that has imported torch only; CPU: the peak resident set size (``VmHWM``), and
+its rise above the size once the task (data and model) is built and a no-grad forward has loaded the
+kernels, i.e. the training state: gradients, optimizer state, activations and the HVP's graph; CUDA:
+``max_memory_allocated``, and its rise above the built task.
+``--compile`` adds the same variants with the model compiled (second order by finite differences).
+On CUDA every region is timed with CUDA events.  Results: ``perf.csv`` and ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gc
+import math
+import multiprocessing as mp
+import os
+import re
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+
+import tasks
+from tasks import TaskConfig
+
+from . import results as store
+from .compiled import compile_model, hvp_overrides
+from .distributed import ScaledStep
+from .optimizers import create_optimizer, get_optimizer, parse_opt_spec
+from .runner import BenchError, backward_with_hvp, resolve_device, sub_batch
+
+__all__ = ["PerfConfig", "Variant", "VARIANTS", "SWEEP_WIDTHS", "TARGETS", "run_perf", "perf_table",
+           "targets_table", "target_checks"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    spec: str            # optimizer spec as the runner reads it
+    route: str           # how the product is taken: exact, sub-batch, finite-difference, or "" (none)
+
+
+VARIANTS = (Variant("esgd-m", "esgd-m", "exact"), Variant("esgd-m-sub", "esgd-m-sub", "sub-batch"),
+            Variant("esgd-m-fd", "esgd-m:hvp_method=finite-difference", "finite-difference"),
+            Variant("esgd", "esgd", "exact"), Variant("sgd", "sgd", ""), Variant("adam", "adam", ""))
+SWEEP_VARIANTS = ("esgd-m", "esgd-m-sub", "adam")
+MEMORY_VARIANTS = ("esgd-m", "esgd-m-sub", "esgd-m-fd", "adam")    # sweep: esgd-m and adam
+SWEEP_WIDTHS = (110, 678, 2789)        # 784-w-w-10 MLPs of 0.10 M, 1.00 M and 10.0 M parameters
+HVP_EVERY = 10                         # amortisation: one HVP step in this many
+TARGETS = {"update_vs_adam": 0.90, "amortised_exact_vs_adam": 1.15, "amortised_cheap_vs_adam": 1.07,
+           "peak_mem_vs_adam": 1.2}
+_ROUNDS = {"cifar": 5}                 # default rounds per task (others: PerfConfig.rounds)
+TIMING_LR = 1e-4
+_CYCLE = 3                             # HVP step, plain step, plain step
+
+
+@dataclass
+class PerfConfig:
+    tasks: list[str] = field(default_factory=lambda: ["mnist", "cifar"])
+    device: str = "auto"
+    out: Path | None = None
+    compile: bool = False
+    rounds: int | None = None           # None: 12, or the task's entry in _ROUNDS
+    warmup_cycles: int = 2
+    batch_size: int | None = None
+    widths: Sequence[int] = SWEEP_WIDTHS
+    memory: bool = True
+    threads: int | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)   # per task, e.g. {"mnist": {"width": 64}}
+    variants: Sequence[Variant] = VARIANTS
+
+
+# -- timing ----------------------------------------------------------------------------------------
+class _Marks:
+    """Time stamps of a cycle: ``perf_counter`` on CPU, CUDA events on CUDA (read after one sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+class _Trainer:
+    """One variant's model and optimizer, stepping as ``bench.runner.train`` does (no logging)."""
+
+    def __init__(self, task: str, variant: Variant, config: TaskConfig, compiled: bool) -> None:
+        name, overrides = parse_opt_spec(variant.spec)
+        spec = get_optimizer(name)
+        self.variant, self.second_order = variant, spec.second_order
+        torch.manual_seed(config.seed)
+        self.problem = tasks.build_task(task, config)
+        if compiled:
+            compile_model(self.problem.model)
+            overrides.update(hvp_overrides(spec, overrides, True))
+        if spec.second_order:
+            # A period of _CYCLE or more steps whichever way the schedule counts; cycle() lines up on it.
+            overrides.update(update_d_every=_CYCLE, d_warmup=1)
+        # The cost of a step does not depend on the learning rate; a small one keeps every model finite
+        # over the timed steps (a registry lr may diverge on synthetic data, and NaNs would end the run).
+        overrides.setdefault("lr", TIMING_LR)
+        self.opt = create_optimizer(spec, self.problem.model.parameters(), task=task, seed=config.seed,
+                                    **overrides)
+        self.fraction = getattr(self.opt, "hvp_fraction", 1.0)
+        self.plan = ScaledStep.make(self.problem, self.opt, second_order=spec.second_order)
+        self.params = sum(p.numel() for p in self.problem.model.parameters())
+
+    def is_hvp(self) -> bool:
+        return self.second_order and bool(self.opt.is_hvp_step())
+
+    def step(self, marks: _Marks | None = None) -> bool:
+        """One training step; with ``marks``, stamps before, between the regions and after."""
+        problem, opt = self.problem, self.opt
+        batch = next(problem.batches)
+        hvp = self.is_hvp()
+        if marks:
+            marks.mark()
+        opt.zero_grad(set_to_none=True)
+        if self.plan is not None:
+            loss = self.plan.forward_backward(batch)
+        elif self.second_order:
+            loss = problem.loss(batch)
+            backward_with_hvp(problem, opt, batch, loss, self.fraction)
+        else:
+            loss = problem.loss(batch)
+            loss.backward()
+        if marks:
+            marks.mark()
+        if not math.isfinite(loss.item()):
+            raise BenchError(f"perf: {self.variant.label} produced a non-finite loss")
+        opt.step() if self.plan is None else self.plan.step()
+        if marks:
+            marks.mark()
+        return hvp
+
+    def cycle(self) -> dict[str, float]:
+        """Time one cycle (HVP step, plain, plain); first-order optimizers: three plain steps."""
+        if self.second_order:
+            while not self.is_hvp():      # line up on the schedule (a no-op after the first cycle)
+                self.step()
+        marks, kinds = _Marks(self.device), []
+        for _ in range(_CYCLE):
+            kinds.append(self.step(marks))
+        if self.second_order and kinds != [True, False, False]:
+            raise RuntimeError(f"perf: {self.variant.label}: unexpected HVP schedule {kinds}")
+        d = marks.durations_ms()
+        fb, up = d[0::3], d[1::3]        # per step: [fwd+bwd, update, gap to the next stamp]
+        out = {"fb_ms": fb[-1], "update_ms": up[-1], "plain_ms": fb[-1] + up[-1]}
+        out["hvp_step_ms"] = fb[0] + up[0] if kinds[0] else math.nan
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.problem.model.parameters()).device
+
+    def close(self) -> None:
+        if self.plan is not None:
+            self.plan.close()
+
+
+def _measure(trainers: dict[str, _Trainer], rounds: int, warmup: int,
+             tick: Callable[[], None] | None = None) -> dict[str, list[dict[str, float]]]:
+    labels = list(trainers)
+    for label in labels:
+        for _ in range(warmup):
+            trainers[label].cycle()
+    samples: dict[str, list[dict[str, float]]] = {k: [] for k in labels}
+    for r in range(rounds):
+        order = labels[r % len(labels):] + labels[:r % len(labels)]
+        for label in order:
+            samples[label].append(trainers[label].cycle())
+        if tick:
+            tick()
+    return samples
+
+
+def _median(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def _summarise(samples: dict[str, list[dict[str, float]]], ref: str = "adam") -> dict[str, dict[str, float]]:
+    """Medians per variant and medians over rounds of the within-round ratios to ``ref``."""
+    out = {}
+    for label, rows in samples.items():
+        s = {k: _median([r[k] for r in rows]) for k in ("fb_ms", "update_ms", "plain_ms", "hvp_step_ms")}
+        per_round = []
+        for r in rows:
+            hvp = r["hvp_step_ms"]
+            per_round.append(r["plain_ms"] if math.isnan(hvp) else ((HVP_EVERY - 1) * r["plain_ms"] + hvp) / HVP_EVERY)
+        s["amortised_ms"] = _median(per_round)
+        s["hvp_extra_ms"] = s["hvp_step_ms"] - s["plain_ms"]
+        s["hvp_grad_evals"] = s["hvp_extra_ms"] / s["fb_ms"]
+        s["hvp_step_vs_fb"] = s["hvp_step_ms"] / s["fb_ms"]
+        if ref in samples:
+            refs = samples[ref]
+            ref_amortised = [x["plain_ms"] for x in refs]
+            s["amortised_vs_adam"] = _median([a / b for a, b in zip(per_round, ref_amortised)])
+            s["update_vs_adam"] = _median([a["update_ms"] / b["update_ms"] for a, b in zip(rows, refs)])
+            s["fb_vs_adam"] = _median([a["fb_ms"] / b["fb_ms"] for a, b in zip(rows, refs)])
+        out[label] = s
+    return out
+
+
+# -- peak memory in fresh processes ------------------------------------------------------------------
+def _rss_kb(field_name: str) -> int:
+    match = re.search(rf"{field_name}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) if match else 0
+
+
+def _memory_probe(task: str, spec: str, config: TaskConfig, steps: int, threads: int) -> dict[str, float]:
+    """In a fresh process: train ``steps`` steps (HVP steps included) and report the peak memory."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+    cuda = torch.device(config.device).type == "cuda"
+    trainer = _Trainer(task, Variant(spec, spec, ""), config, compiled=False)
+    with torch.no_grad():       # load the forward kernels on two rows, so the baseline holds them
+        batch = next(trainer.problem.batches)
+        trainer.problem.loss(sub_batch(batch, 2 / len(batch[0])) if isinstance(batch, (tuple, list)) else batch)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM to the current RSS
+        base = _rss_kb("VmRSS")
+    hvps = sum(trainer.step() for _ in range(steps))
+    leaked = [n for n, p in trainer.problem.model.named_parameters()
+              if p.grad is not None and p.grad.requires_grad]
+    if cuda:
+        peak, base_mb = torch.cuda.max_memory_allocated() / 2**20, base / 2**20
+    else:
+        peak, base_mb = _rss_kb("VmHWM") / 1024, base / 1024
+    return {"peak_mb": peak, "base_mb": base_mb, "extra_mb": peak - base_mb, "hvp_steps": hvps,
+            "graph_left_on_grad": len(leaked)}
+
+
+def _memory(jobs: list[tuple[str, str, str, TaskConfig]], steps: int, threads: int,
+            tick: Callable[[], None] | None) -> dict[tuple[str, str], dict[str, float]]:
+    if not jobs:
+        return {}
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        # torch._dynamo is imported lazily by the first optimizer step (seconds): preload it once.
+        ctx.set_forkserver_preload(["bench.perf", "torch._dynamo"])
+    else:
+        ctx = mp.get_context("spawn")
+    out = {}
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
+        for key, task, spec, config in jobs:
+            try:
+                out[(key, spec)] = pool.submit(_memory_probe, task, spec, config, steps, threads).result()
+            except Exception as err:   # noqa: BLE001 - a dead probe process: one line, timings kept
+                raise BenchError(f"perf: the peak-memory probe of {spec} on {key} failed "
+                                 f"({type(err).__name__}: {err}); the timings are written already") from None
+            if tick:
+                tick()
+    return out
+
+
+# -- the whole benchmark -----------------------------------------------------------------------------
+def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
+             progress: Callable[[str, int, int], None] | None = None) -> tuple[Path, pd.DataFrame]:
+    """Run the benchmark; returns the output folder and the table written to ``perf.csv``."""
+    for name in config.tasks:
+        tasks.get_task(name)
+    for what, value in (("rounds", config.rounds), ("warmup_cycles", config.warmup_cycles),
+                        ("batch_size", config.batch_size), ("threads", config.threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < (0 if what == "warmup_cycles" else 1)):
+            raise BenchError(f"perf: {what} must be a positive integer, got {value!r}")
+    if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in config.widths):
+        raise BenchError(f"perf: sweep widths must be positive integers, got {list(config.widths)}")
+    if not any(v.label == "adam" for v in config.variants):
+        raise BenchError("perf: the variants must include adam (every ratio is to Adam)")
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    threads = torch.get_num_threads()
+    out = Path(config.out) if config.out else \
+        Path("results") / f"perf-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise BenchError(f"cannot write to output folder {out}: {err.strerror or err}") from None
+
+    started, load_start = time.time(), _load()
+    rows: list[dict[str, Any]] = []
+    memory_jobs: list[tuple[str, str, str, TaskConfig]] = []
+    modes = [False, True] if config.compile else [False]
+    n_units = len(config.tasks) + (1 if config.widths else 0) + (1 if config.memory else 0)
+    unit = 0
+
+    def say(what: str) -> None:
+        if progress:
+            progress(what, unit, n_units)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+        for task in config.tasks:
+            say(f"timing {task}")
+            tcfg = TaskConfig(seed=0, device=device, batch_size=config.batch_size, synthetic=True,
+                              options=dict(config.options.get(task, {})))
+            trainers: dict[str, _Trainer] = {}
+            for compiled in modes:
+                for v in config.variants:
+                    if compiled and v.route in ("sub-batch", "finite-difference"):
+                        continue       # compiled second order is finite differences already
+                    trainers[v.label + ("@compiled" if compiled else "")] = _Trainer(task, v, tcfg, compiled)
+            rounds = config.rounds or _ROUNDS.get(task, 12)
+            summary = _summarise(_measure(trainers, rounds, config.warmup_cycles +
+                                          (2 if config.compile else 0)))
+            for key, s in summary.items():
+                label, _, mode = key.partition("@")
+                t = trainers[key]
+                rows.append({"section": "task", "task": task, "mode": mode or "eager", "optimizer": label,
+                             "hvp_route": t.variant.route if not mode or not t.second_order else
+                             "finite-difference", "params": t.params,
+                             "batch_size": config.batch_size or tasks.get_task(task).default_batch_size,
+                             "threads": threads, "rounds": rounds, **s})
+            for t in trainers.values():
+                t.close()
+            del trainers
+            gc.collect()
+            if config.memory:
+                memory_jobs += [(task, task, v.spec, tcfg) for v in config.variants if v.label in MEMORY_VARIANTS]
+            unit += 1
+
+        if config.widths:
+            say("parameter sweep")
+            for w in config.widths:
+                tcfg = TaskConfig(seed=0, device=device, batch_size=config.batch_size, synthetic=True,
+                                  options={"width": w})
+                trainers = {v.label: _Trainer("mnist", v, tcfg, False)
+                            for v in config.variants if v.label in SWEEP_VARIANTS}
+                summary = _summarise(_measure(trainers, max(3, (config.rounds or 12) // 4), 1))
+                for label, s in summary.items():
+                    t = trainers[label]
+                    rows.append({"section": "sweep", "task": f"mlp-{w}", "mode": "eager", "optimizer": label,
+                                 "hvp_route": t.variant.route, "params": t.params,
+                                 "batch_size": config.batch_size or tasks.get_task("mnist").default_batch_size,
+                                 "threads": threads, "rounds": max(3, (config.rounds or 12) // 4), **s,
+                                 "us_per_kparam": s["amortised_ms"] * 1e3 / (t.params / 1e3)})
+                    if config.memory and label in ("esgd-m", "adam"):
+                        memory_jobs.append((f"mlp-{w}", "mnist", t.variant.spec, tcfg))
+                del trainers
+                gc.collect()
+            unit += 1
+
+    def write() -> pd.DataFrame:
+        table = pd.DataFrame(rows)
+        meta = {
+            "command": " ".join(argv) if argv is not None else "run_perf()",
+            "started": _dt.datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
+            "seconds": round(time.time() - started, 1), "device": device, "threads": threads,
+            "load_average_start": load_start, "load_average_end": _load(),
+            "config": {**{k: getattr(config, k) for k in ("tasks", "compile", "rounds", "warmup_cycles",
+                                                            "batch_size", "memory", "options")},
+                       "widths": list(config.widths),
+                       "variants": [dataclasses.asdict(v) for v in config.variants]},
+            "method": __doc__.split("\n\n", 1)[1].strip(), "hvp_every": HVP_EVERY, "cycle": _CYCLE,
+            "targets": TARGETS, "target_checks": target_checks(table), "environment": _env(device),
+            "peak_memory": "cuda max_memory_allocated" if device == "cuda" else "cpu VmHWM in a fresh process",
+            "data": "synthetic batches of the task's shape (timing does not depend on the values)",
+        }
+        store.write_csv_atomic(table, out / "perf.csv")
+        store.write_json_atomic(meta, out / "meta.json")
+        return table
+
+    write()      # the timings are kept even if a memory probe fails
+    if config.memory:
+        say("peak memory (fresh processes)")
+        mem = _memory(memory_jobs, steps=2 * _CYCLE, threads=threads, tick=None)
+        for row in rows:
+            if row["mode"] != "eager":
+                continue
+            spec = next(v.spec for v in config.variants if v.label == row["optimizer"])
+            m, ref = mem.get((row["task"], spec)), mem.get((row["task"], "adam"))
+            if m and ref:
+                row.update({"peak_mem_mb": m["peak_mb"], "peak_extra_mb": m["extra_mb"],
+                            "peak_mem_vs_adam": m["peak_mb"] / ref["peak_mb"],
+                            "peak_extra_vs_adam": m["extra_mb"] / ref["extra_mb"] if ref["extra_mb"] > 0 else math.nan,
+                            "graph_left_on_grad": m["graph_left_on_grad"]})
+        unit += 1
+
+    return out, write()
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _env(device: str) -> dict[str, Any]:
+    from .runner import _environment
+    return _environment(device)
+
+
+def target_checks(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """One row per issue-6 target and task: the measured ratio, the bound and whether it is met."""
+    if table.empty:
+        return []
+    checks = []
+    eager = table[(table["section"] == "task") & (table["mode"] == "eager")]
+    for task, g in eager.groupby("task", sort=False):
+        by = g.set_index("optimizer")
+
+        def add(what: str, label: str, column: str, bound: float) -> None:
+            if label in by.index and column in by.columns and pd.notna(by.loc[label, column]):
+                value = float(by.loc[label, column])
+                checks.append({"task": task, "target": what, "optimizer": label, "value": value,
+                               "bound": bound, "met": bool(value <= bound)})
+
+        add("plain update vs Adam", "esgd-m", "update_vs_adam", TARGETS["update_vs_adam"])
+        add("amortised step, exact HVP", "esgd-m", "amortised_vs_adam", TARGETS["amortised_exact_vs_adam"])
+        for label in ("esgd-m-sub", "esgd-m-fd"):
+            add(f"amortised step, {label}", label, "amortised_vs_adam", TARGETS["amortised_cheap_vs_adam"])
+        for label in ("esgd-m", "esgd-m-sub", "esgd-m-fd"):
+            add(f"peak memory (process), {label}", label, "peak_mem_vs_adam", TARGETS["peak_mem_vs_adam"])
+            add(f"peak memory (above start), {label}", label, "peak_extra_vs_adam", TARGETS["peak_mem_vs_adam"])
+    return checks
+
+
+# -- rich output -------------------------------------------------------------------------------------
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def perf_table(table: pd.DataFrame):
+    """Rich tables: one per task/mode section, and the sweep."""
+    from rich.table import Table
+    tables = []
+    tasks_part = table[table["section"] == "task"]
+    for (task, mode), g in tasks_part.groupby(["task", "mode"], sort=False):
+        t = Table(title=f"{task} ({mode}, {int(g['params'].iloc[0]):,} params, batch {int(g['batch_size'].iloc[0])}, "
+                        f"{int(g['threads'].iloc[0])} threads; medians of {int(g['rounds'].iloc[0])} rounds)")
+        for col in ("optimizer", "HVP route", "fwd+bwd ms", "update ms", "update / Adam", "HVP step ms",
+                    "HVP = grad evals", "amortised ms", "amortised / Adam", "peak mem / Adam",
+                    "mem above start / Adam"):
+            t.add_column(col, justify="left" if col in ("optimizer", "HVP route") else "right")
+        for r in g.to_dict("records"):
+            t.add_row(r["optimizer"], r["hvp_route"] or "-", _f(r["fb_ms"], "{:.1f}"),
+                      _f(r["update_ms"], "{:.2f}"), _f(r.get("update_vs_adam")), _f(r["hvp_step_ms"], "{:.1f}"),
+                      _f(r["hvp_grad_evals"]), _f(r["amortised_ms"], "{:.1f}"),
+                      _f(r.get("amortised_vs_adam")),
+                      _f(r.get("peak_mem_vs_adam")), _f(r.get("peak_extra_vs_adam")))
+        tables.append(t)
+    sweep = table[table["section"] == "sweep"]
+    if len(sweep):
+        t = Table(title="parameter sweep: MLP 784-w-w-10 (amortised step; linear growth shows as a flat us/kparam)")
+        for col in ("width", "params", "optimizer", "amortised ms", "amortised / Adam", "us / kparam",
+                    "HVP = grad evals", "peak mem / Adam", "mem above start / Adam"):
+            t.add_column(col, justify="right")
+        for r in sweep.to_dict("records"):
+            t.add_row(r["task"].split("-")[1], f"{int(r['params']):,}", r["optimizer"],
+                      _f(r["amortised_ms"], "{:.1f}"), _f(r.get("amortised_vs_adam")),
+                      _f(r.get("us_per_kparam"), "{:.3f}"), _f(r["hvp_grad_evals"]),
+                      _f(r.get("peak_mem_vs_adam")), _f(r.get("peak_extra_vs_adam")))
+        tables.append(t)
+    return tables
+
+
+def targets_table(checks: list[dict[str, Any]]):
+    from rich.table import Table
+    t = Table(title="issue 6 targets")
+    for col in ("task", "target", "value", "bound", "met"):
+        t.add_column(col, justify="left" if col in ("task", "target") else "right")
+    for c in checks:
+        t.add_row(c["task"], c["target"], _f(c["value"]), f"<= {c['bound']:.2f}",
+                  "[green]yes[/green]" if c["met"] else "[red]no[/red]")
+    return t

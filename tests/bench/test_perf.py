@@ -1,0 +1,105 @@
+"""``esgd-bench perf`` (bench/perf.py) and the runner's sub-batch HVP route: runs, files, sane numbers.
+
+Not a timed test: the ratios depend on the machine, so only their being finite and positive is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bench import perf as pf
+from bench.optimizers import create_optimizer, list_optimizers
+from bench.runner import BenchError, backward_with_hvp, sub_batch, train
+from cli import app
+from tasks import TaskConfig, build_task
+
+TINY = {"mnist": {"width": 16}}
+
+
+def test_sub_batch_takes_the_first_rows_of_every_tensor():
+    x, y = torch.arange(20.).reshape(10, 2), torch.arange(10)
+    sx, sy = sub_batch((x, y), 0.25)
+    assert torch.equal(sx, x[:3]) and torch.equal(sy, y[:3])
+    assert torch.equal(sub_batch(x, 0.01), x[:1])
+    assert sub_batch((x, y), 1.0) is None and sub_batch(None, 0.5) is None
+    assert sub_batch((x, y[:4]), 0.5) is None          # rows disagree: no safe slice
+
+
+@pytest.mark.parametrize("task,options", [("mnist", TINY["mnist"]), ("cifar", {"arch": "resnet20"})])
+def test_sub_batch_product_is_the_exact_product_of_the_sub_batch(task, options):
+    """Plain gradient of the whole batch in .grad (no graph left), the product that of the first rows'
+    loss with the same probe, and the task's buffers (BatchNorm statistics) untouched."""
+    config = TaskConfig(seed=0, synthetic=True, batch_size=8, options=options)
+    problem = build_task(task, config)
+    params = list(problem.model.parameters())
+    opt = create_optimizer("esgd-m-sub", params, seed=0)
+    batch = next(problem.batches)
+    opt.zero_grad(set_to_none=True)
+    loss = problem.loss(batch)
+    buffers = [b.clone() for b in problem.model.buffers()]
+    backward_with_hvp(problem, opt, batch, loss, opt.hvp_fraction)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, problem.model.buffers()))
+    grads = torch.autograd.grad(problem.loss(batch), params)
+    assert all(torch.allclose(p.grad, g, atol=1e-6) and not p.grad.requires_grad for p, g in zip(params, grads))
+    probes = [opt._probes[p] for p in params]
+    got = [opt._hvp_sums[p].clone() for p in params]
+    part = sub_batch(batch, opt.hvp_fraction)
+    assert len(part[0]) == 1
+    g1 = torch.autograd.grad(problem.loss(part), params, create_graph=True)
+    want = torch.autograd.grad(g1, params, grad_outputs=probes)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    opt.step()                                      # consumes the product, leaves no graph
+    assert not opt._hvp_sums and all(not p.grad.requires_grad for p in params)
+
+
+def test_hvp_fraction_rejects_finite_differences_and_trains_rosenbrock():
+    with pytest.raises(BenchError, match="hvp_fraction"):
+        train("mnist", "esgd-m:hvp_fraction=0.5,hvp_method='finite-difference'", steps=1,
+              task_config=TaskConfig(synthetic=True, options=TINY["mnist"]))
+    full = train("rosenbrock", "esgd-m", seed=0, steps=30)   # no batch rows: the whole loss is used
+    sub = train("rosenbrock", "esgd-m-sub", seed=0, steps=30)
+    assert sub.status == "ok" and [r["loss"] for r in sub.rows] == [r["loss"] for r in full.rows]
+
+
+def test_perf_tiny_run_writes_finite_ratios(tmp_path):
+    second = [s.name for s in list_optimizers() if s.second_order]
+    assert {"esgd-m", "esgd-m-sub"} <= set(second)
+    out, table = pf.run_perf(pf.PerfConfig(tasks=["mnist"], out=tmp_path / "p", rounds=1, warmup_cycles=0,
+                                           batch_size=8, widths=(8,), options=TINY, threads=1, memory=False))
+    saved = pd.read_csv(out / "perf.csv")
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(saved) == len(table) == len(pf.VARIANTS) + len(pf.SWEEP_VARIANTS)
+    assert set(saved["optimizer"]) == {v.label for v in pf.VARIANTS}
+    for col in ("fb_ms", "update_ms", "amortised_ms", "amortised_vs_adam", "update_vs_adam"):
+        assert (saved[col] > 0).all() and saved[col].map(math.isfinite).all(), col
+    second_order = saved[saved["hvp_route"].notna()]
+    assert len(second_order) and (second_order["hvp_step_ms"] > 0).all()
+    assert second_order["hvp_grad_evals"].map(math.isfinite).all()
+    assert meta["target_checks"] and meta["threads"] == 1 and meta["device"] == "cpu"
+
+
+def test_perf_peak_memory_in_fresh_processes(tmp_path):
+    variants = [v for v in pf.VARIANTS if v.label in ("esgd-m", "adam")]
+    _, table = pf.run_perf(pf.PerfConfig(tasks=["mnist"], out=tmp_path, rounds=1, warmup_cycles=0, batch_size=8,
+                                         widths=(), options=TINY, threads=1, variants=variants))
+    assert (table["peak_mem_mb"] > 0).all() and (table["peak_mem_vs_adam"] > 0).all()
+    assert (table["graph_left_on_grad"] == 0).all()    # no double-backward graph outlives its step
+    probe = pf._memory_probe("mnist", "esgd-m", TaskConfig(synthetic=True, batch_size=8, options=TINY["mnist"]),
+                             steps=4, threads=1)
+    assert probe["hvp_steps"] == 2 and probe["graph_left_on_grad"] == 0 and probe["extra_mb"] >= 0
+
+
+def test_perf_cli_bad_inputs(tmp_path):
+    runner = CliRunner()
+    for args, text in ((["--task", "imagenet"], "--task"), (["--widths", "a,b"], "--widths"),
+                       (["--rounds", "0"], "rounds"), (["--option", "cifar.width=3", "--task", "mnist"], "cifar")):
+        res = runner.invoke(app, ["perf", "--out", str(tmp_path / "x"), *args])
+        assert res.exit_code == 2 and text in res.output and "Traceback" not in res.output, (args, res.output)
+    assert not (tmp_path / "x" / "perf.csv").exists()
