@@ -34,10 +34,12 @@ _COLOURS = {"esgd-m": "tab:red", "esgd": "tab:orange", "sgd": "tab:blue", "adam"
 
 
 def _colour(name: str, index: int) -> str:
-    base = name.split(":")[0]
-    if base in _COLOURS:
-        return _COLOURS[base]
-    others = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c not in _COLOURS.values()]
+    # Only the plain registry name gets the fixed colour: "esgd-m:eps=1e-8" beside "esgd-m" must differ.
+    if name in _COLOURS:
+        return _COLOURS[name]
+    from matplotlib.colors import to_hex
+    fixed = {to_hex(c) for c in _COLOURS.values()}
+    others = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if to_hex(c) not in fixed]
     return others[index % len(others)] if others else f"C{index % 10}"
 
 
