@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 __all__ = ["HessianOptimizer", "MissingGraphError", "DoubleBackwardUnsupportedError", "HVP_METHODS",
-           "check_int", "check_range"]
+           "check_betas", "check_int", "check_range"]
 
 _GLOBAL_KEY = "hessian_schedule"
 
@@ -61,6 +61,14 @@ def check_range(name: str, value: Any, low: float, high: float, *, high_open: bo
     if not ok:
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"Invalid {name}: {value!r} (must be in {bound})")
+
+
+def check_betas(betas: Any) -> None:
+    """Raise ``ValueError`` unless ``betas`` is a pair with both entries in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    check_range("beta1 (betas[0])", betas[0], 0.0, 1.0)
+    check_range("beta2 (betas[1])", betas[1], 0.0, 1.0)
 
 
 def check_int(name: str, value: Any, low: int = 1) -> None:

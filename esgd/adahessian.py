@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import HessianOptimizer, check_range
+from ._base import HessianOptimizer, check_betas, check_range
 
 __all__ = ["AdaHessian", "HutchinsonOptimizer", "adahessian", "spatial_average"]
 
@@ -158,10 +158,7 @@ class AdaHessian(HutchinsonOptimizer):
 
 def _validate(lr, betas, eps, weight_decay, hessian_power) -> None:
     check_range("lr", lr, 0.0, math.inf)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-    check_range("beta1 (betas[0])", betas[0], 0.0, 1.0)
-    check_range("beta2 (betas[1])", betas[1], 0.0, 1.0)
+    check_betas(betas)
     check_range("eps", eps, 0.0, math.inf)
     check_range("weight_decay", weight_decay, 0.0, math.inf)
     check_range("hessian_power", hessian_power, 0.0, 1.0, high_open=False)

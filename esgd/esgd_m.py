@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import HessianOptimizer, check_range
+from ._base import HessianOptimizer, check_betas, check_range
 
 __all__ = ["ESGD", "ESGDMax", "esgd_m"]
 
@@ -137,10 +137,7 @@ class ESGD(HessianOptimizer):
 
 def _validate(lr, betas, v, lr_warmup, eps, weight_decay) -> None:
     check_range("lr", lr, 0.0, math.inf)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-    check_range("beta1 (betas[0])", betas[0], 0.0, 1.0)
-    check_range("beta2 (betas[1])", betas[1], 0.0, 1.0)
+    check_betas(betas)
     check_range("v", v, 0.0, 1.0, high_open=False, allow_none=True)
     check_range("lr_warmup", lr_warmup, 0.0, 1.0)
     check_range("eps", eps, 0.0, math.inf)

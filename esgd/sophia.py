@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import check_range
+from ._base import check_betas, check_range
 from .adahessian import HutchinsonOptimizer
 
 __all__ = ["Sophia", "sophia"]
@@ -104,10 +104,7 @@ class Sophia(HutchinsonOptimizer):
 
 def _validate(lr, betas, rho, eps, weight_decay) -> None:
     check_range("lr", lr, 0.0, math.inf)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-    check_range("beta1 (betas[0])", betas[0], 0.0, 1.0)
-    check_range("beta2 (betas[1])", betas[1], 0.0, 1.0)
+    check_betas(betas)
     check_range("rho", rho, 0.0, math.inf)
     check_range("eps", eps, 0.0, math.inf)
     if eps == 0:  # a zero or negative curvature estimate would divide by zero
