@@ -166,7 +166,12 @@ def _execute(given: dict[str, Any], config_file: Optional[Path], sweep: bool) ->
     failed = summary[summary["status"] == "error"]
     for r in failed.to_dict("records"):
         typer.echo(f"{_ERR}{r['task']} {r['optimizer']} seed {r['seed']}: {_one_line(r['error'])}", err=True)
-    if len(failed):
+    diverged = summary[summary["status"] == "diverged"]
+    for r in diverged.to_dict("records"):
+        typer.echo(f"diverged: {r['task']} {r['optimizer']} seed {r['seed']} at step {r['steps']} "
+                   f"(loss {r['final_loss']:.4g}); its rows are kept in {path}", err=True)
+    # A sweep explores rates that diverge on purpose; a run whose optimizer diverged is a failed run.
+    if len(failed) or (len(diverged) and not sweep):
         raise typer.Exit(1)
 
 

@@ -68,6 +68,18 @@ def test_sweep_reports_best_lr(tmp_path):
     assert sorted(summary["lr"]) == [1e-4, 1e-3, 1.0]
     assert summary.set_index("lr").loc[1.0, "status"] == "diverged"
     assert "best lr for sgd on rosenbrock: 0.001" in res.stdout
+    assert "diverged: rosenbrock sgd:lr=1 seed 0" in res.stderr or "diverged: rosenbrock sgd seed 0" in res.stderr
+
+
+def test_run_with_a_diverged_optimizer_exits_1_and_keeps_the_rest(tmp_path):
+    out = tmp_path / "d"
+    res = invoke("run", "rosenbrock", "--opt", "sgd:lr=1", "--opt", "adam", "--seeds", 1, "--steps", STEPS,
+                 "--out", out)
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("diverged:")]
+    assert len(lines) == 1 and "sgd:lr=1 seed 0" in lines[0] and "Traceback" not in res.stderr
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["status"]) == ["diverged", "ok"]
 
 
 def test_resume_skips_finished(tmp_path):
