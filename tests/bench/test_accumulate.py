@@ -25,13 +25,7 @@ RTOL = 2e-4
 SCALABLE = [s.name for s in list_optimizers() if s.defaults.get("hvp_fraction", 1.0) >= 1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one thread is faster than two competing with the other tests' processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def equivalence_spec(name: str) -> str:

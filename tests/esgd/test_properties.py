@@ -10,11 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esgd import ESGD, PlainESGD
+from esgd import ESGD, AdaHessian, PlainESGD, Sophia
 
 from .reference import loss_fn, make_data
 
 HESSIAN_OPTIMIZERS = [ESGD, PlainESGD]
+# Resume is the base class's business, so every optimizer built on it is checked the same way.
+RESUMABLE = HESSIAN_OPTIMIZERS + [AdaHessian, Sophia]
 
 
 def train(make_opt, init, x, y, steps, *, loss_scale=1.0, param_scale=1.0):
@@ -78,7 +80,7 @@ def test_esgd_m_eps_breaks_invariance_only_slightly():
 
 # -- resume -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls", HESSIAN_OPTIMIZERS)
+@pytest.mark.parametrize("cls", RESUMABLE)
 @pytest.mark.parametrize("save_at", [5, 23])
 def test_resume_equals_uninterrupted_run(cls, save_at):
     x, y, init = make_data(1)
