@@ -157,15 +157,13 @@ def train(task: str, optimizer: str, *, seed: int = 0, steps: int | None = None,
                 batch = next(batches)
                 t1 = clock()
                 opt.zero_grad(set_to_none=True)
+                hvp_step = second_order and (bool(is_hvp()) if callable(is_hvp) else needs_create_graph(opt))
                 if plan is not None:
-                    hvp_step = bool(is_hvp()) if callable(is_hvp) else needs_create_graph(opt)
                     loss = plan.forward_backward(batch)
                 elif second_order:
                     loss = problem.loss(batch)
-                    hvp_step = bool(is_hvp()) if callable(is_hvp) else needs_create_graph(opt)
                     backward_with_hvp(problem, opt, batch, loss, fraction)
                 else:
-                    hvp_step = False
                     loss = problem.loss(batch)
                     loss.backward()
                 t2 = clock()
