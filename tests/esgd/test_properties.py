@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esgd import ESGD, AdaHessian, PlainESGD, Sophia
+from esgd._base import rademacher
 
 from .reference import loss_fn, make_data
 
@@ -163,6 +164,25 @@ def test_rademacher_probes_are_plus_minus_one_with_equal_frequency():
     assert abs(frac - 0.5) < 5 * 0.5 / math.sqrt(n)
     # every coordinate sees both signs: a probe stuck at one value per entry would fail here
     assert ((z == 1).any(0) & (z == -1).any(0)).all()
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (13,), (3, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rademacher_draw_keeps_shape_and_dtype(shape, dtype):
+    z = rademacher(torch.Size(shape), torch.Generator().manual_seed(0), torch.device("cpu"), dtype)
+    assert z.shape == torch.Size(shape) and z.dtype == dtype
+    assert set(z.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_rademacher_signs_from_one_byte_are_unbiased_and_uncorrelated():
+    # Eight signs come from each random byte: every bit position must be a fair coin, and
+    # neighbouring signs (same byte, or across a byte boundary) independent.
+    n = 8 * 40_000
+    z = rademacher(torch.Size([n]), torch.Generator().manual_seed(3), torch.device("cpu"), torch.float64)
+    tol = 5 / math.sqrt(n // 8)
+    assert (z.view(-1, 8).mean(0).abs() < tol).all()
+    for lag in (1, 7, 8):
+        assert abs((z[lag:] * z[:-lag]).mean().item()) < 5 / math.sqrt(n)
 
 
 def test_gaussian_probes_are_standard_normal():
