@@ -14,7 +14,9 @@ so a load spike from the machine's other users hits both sides of a ratio.
 
 Ratios of compiled variants are to eager Adam. Derived figures: ``hvp_extra`` = HVP step - plain step;
 ``hvp_grad_evals`` = ``hvp_extra`` / plain forward+backward (how many gradient evaluations one product
-costs); ``amortised`` = (9 plain + 1 HVP) / 10, the issue's "exact HVP every 10 steps" (the schedule with
+costs); ``hvp_flop_evals``, the same by counting matmul and convolution FLOPs (``torch.utils.flop_counter``
+over one HVP step and one plain step): the product's arithmetic floor, which kernels can approach but
+not beat; ``amortised`` = (9 plain + 1 HVP) / 10, the issue's "exact HVP every 10 steps" (the schedule with
 ``update_d_every=10``, after its 20-step warm-up). A parameter-count sweep times MLPs of about 0.1 M, 1 M
 and 10 M parameters. Peak memory: each (task, variant) trains a few steps, HVP steps included, in a fresh
 process forked from a server that has imported torch only; CPU: the peak resident set size (``VmHWM``), and
@@ -185,6 +187,19 @@ class _Trainer:
         out["hvp_step_ms"] = fb[0] + up[0] if kinds[0] else math.nan
         return out
 
+    def flops(self) -> tuple[float, float]:
+        """Matmul and convolution FLOPs (``torch.utils.flop_counter``) of one HVP step and one plain
+        step: the arithmetic the product adds, whatever the kernels' speed."""
+        from torch.utils.flop_counter import FlopCounterMode
+        while not self.is_hvp():
+            self.step()
+        counts = []
+        for _ in range(2):
+            with FlopCounterMode(display=False) as counter:
+                self.step()
+            counts.append(float(counter.get_total_flops()))
+        return counts[0], counts[1]
+
     @property
     def device(self) -> torch.device:
         return next(self.problem.model.parameters()).device
@@ -352,6 +367,9 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
             for key, s in summary.items():
                 label, _, mode = key.partition("@")
                 t = trainers[key]
+                if t.second_order and not mode:     # the counter does not see inside compiled graphs
+                    hvp_flops, plain_flops = t.flops()
+                    s["hvp_flop_evals"] = (hvp_flops - plain_flops) / plain_flops if plain_flops else math.nan
                 rows.append({"section": "task", "task": task, "mode": mode or "eager", "optimizer": label,
                              "hvp_route": t.variant.route if not mode or not t.second_order else
                              "finite-difference", "params": t.params,
@@ -476,13 +494,13 @@ def perf_table(table: pd.DataFrame):
         t = Table(title=f"{task} ({mode}, {int(g['params'].iloc[0]):,} params, batch {int(g['batch_size'].iloc[0])}, "
                         f"{int(g['threads'].iloc[0])} threads; medians of {int(g['rounds'].iloc[0])} rounds)")
         for col in ("optimizer", "HVP route", "fwd+bwd ms", "update ms", "update / Adam", "HVP step ms",
-                    "HVP = grad evals", "amortised ms", "amortised / Adam", "peak mem / Adam",
-                    "mem above start / Adam"):
+                    "HVP = grad evals", "HVP FLOPs = grad evals", "amortised ms", "amortised / Adam",
+                    "peak mem / Adam", "mem above start / Adam"):
             t.add_column(col, justify="left" if col in ("optimizer", "HVP route") else "right")
         for r in g.to_dict("records"):
             t.add_row(r["optimizer"], r["hvp_route"] or "-", _f(r["fb_ms"], "{:.1f}"),
                       _f(r["update_ms"], "{:.2f}"), _f(r.get("update_vs_adam")), _f(r["hvp_step_ms"], "{:.1f}"),
-                      _f(r["hvp_grad_evals"]), _f(r["amortised_ms"], "{:.1f}"),
+                      _f(r["hvp_grad_evals"]), _f(r.get("hvp_flop_evals")), _f(r["amortised_ms"], "{:.1f}"),
                       _f(r.get("amortised_vs_adam")),
                       _f(r.get("peak_mem_vs_adam")), _f(r.get("peak_extra_vs_adam")))
         tables.append(t)

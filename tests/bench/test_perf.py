@@ -82,6 +82,12 @@ def test_perf_tiny_run_writes_finite_ratios(tmp_path):
     second_order = saved[saved["hvp_route"].notna()]
     assert len(second_order) and (second_order["hvp_step_ms"] > 0).all()
     assert second_order["hvp_grad_evals"].map(math.isfinite).all()
+    # FLOP counts are exact: a finite-difference product is one more forward+backward of the same
+    # batch; an exact product adds more than one and, by the R-operator count, about two (at most three).
+    flops = saved[saved["section"] == "task"].set_index("optimizer")["hvp_flop_evals"]
+    assert flops["esgd-m-fd"] == pytest.approx(1.0)
+    assert 1.0 < flops["esgd-m"] <= 3.0 and 1.0 < flops["esgd"] <= 3.0
+    assert 0.0 < flops["esgd-m-sub"] < flops["esgd-m"]
     assert meta["target_checks"] and meta["threads"] == 1 and meta["device"] == "cpu"
 
 
