@@ -203,6 +203,7 @@ class HessianOptimizer(Optimizer):
         """
         if not (self.is_hvp_step() and self.hvp_method == "autograd"):
             return
+        self._release_before_hvp()
         if loss is not None:
             params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             with torch.enable_grad():
@@ -299,6 +300,7 @@ class HessianOptimizer(Optimizer):
         hvps = None
         if hvp_step and params:
             if finite_difference:
+                self._release_before_hvp()
                 local = self._finite_difference_hvps(params, closure, rng_state)
             else:
                 self.accumulate_hvp()
@@ -319,6 +321,9 @@ class HessianOptimizer(Optimizer):
 
     def _update(self, hvp_step: bool, hvps: dict[torch.Tensor, torch.Tensor] | None) -> None:
         raise NotImplementedError
+
+    def _release_before_hvp(self) -> None:
+        """Free state that this HVP step will replace, before its product (default: nothing)."""
 
     def _device(self) -> torch.device:
         return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))

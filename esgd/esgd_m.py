@@ -8,7 +8,9 @@ corrections as in Adam, an exponential learning-rate warmup and decoupled weight
 The update is behind one functional entry point, :func:`esgd_m`, with a single-tensor kernel kept as the
 readable reference and a multi-tensor (``torch._foreach_*``) kernel used by default.  Between HVP steps the
 denominator ``sqrt(d) / sqrt(1 - b2) + eps`` cannot change, so it is kept in the state and a plain step
-touches only ``m``, the gradient and the parameter.
+touches only ``m``, the gradient and the parameter.  An HVP step replaces it, so it is freed before the
+product's double backward (one parameter-sized tensor less at the step's memory peak) and rebuilt from
+``d`` if that step never reaches its update.
 """
 
 from __future__ import annotations
@@ -88,6 +90,13 @@ class ESGD(HessianOptimizer):
             _validate(group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"],
                       group["weight_decay"])
 
+    def _release_before_hvp(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    state["denom"] = None
+
     def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None) -> None:
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -101,7 +110,7 @@ class ESGD(HessianOptimizer):
                 if len(state) == 0:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_d_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["denom"] = torch.full_like(p, math.inf, memory_format=torch.preserve_format)
+                    state["denom"] = None        # built below, or by this step's product
                     state["beta1_accum"] = 1.0
                     state["beta2_accum"] = 1.0
                     state["lr_accum"] = 1.0
@@ -111,10 +120,14 @@ class ESGD(HessianOptimizer):
                 if hvp_step:
                     state["beta2_accum"] *= beta2
                     group_hvps.append(hvps[p])
-                elif state["denom_eps"] != group["eps"] and state["beta2_accum"] < 1.0:
-                    # eps changed since the last product: rebuild the cached denominator once.
-                    bc2 = 1.0 if group["d_max"] else math.sqrt(1 - state["beta2_accum"])
-                    state["denom"] = state["exp_avg_d_sq"].sqrt().div_(bc2).add_(group["eps"])
+                elif state["denom"] is None or state["denom_eps"] != group["eps"]:
+                    # Released for a product that did not complete, or eps changed since the last
+                    # product: rebuild the cached denominator (the same ops as the kernel, same bits).
+                    if state["beta2_accum"] == 1.0:
+                        state["denom"] = torch.full_like(p, math.inf, memory_format=torch.preserve_format)
+                    else:
+                        bc2 = 1.0 if group["d_max"] else math.sqrt(1 - state["beta2_accum"])
+                        state["denom"] = state["exp_avg_d_sq"].sqrt().div_(bc2).add_(group["eps"])
                 state["denom_eps"] = group["eps"]
                 params.append(p)
                 grads.append(p.grad)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esgd import ESGD, AdaHessian, PlainESGD, Sophia
+from esgd import ESGD, AdaHessian, ESGDMax, PlainESGD, Sophia
 from esgd._base import rademacher
 
 from .reference import loss_fn, make_data
@@ -116,6 +116,40 @@ def test_resume_equals_uninterrupted_run(cls, save_at):
     run(params, opt, save_at, steps)
     for a, b in zip(params, uninterrupted):
         assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("cls", [ESGD, ESGDMax])
+def test_releasing_the_cached_denominator_before_a_product_changes_nothing(cls, foreach, monkeypatch):
+    """ESGD-M frees its cached denominators before an HVP step's double backward (memory) and rebuilds
+    them from d where that step did not replace them: a parameter without a gradient on the HVP step,
+    and a step whose product raised.  The trajectory must equal one where the cache is never freed."""
+    x, y, init = make_data(2)
+
+    def run():
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = cls(params, lr=0.1, update_d_every=3, d_warmup=2, foreach=foreach,
+                  generator=torch.Generator().manual_seed(5))
+        for t in range(30):
+            if t == 16:      # an HVP step that fails: backward without the graph
+                assert opt.is_hvp_step()
+                opt.zero_grad(set_to_none=True)
+                loss_fn(params, x, y, t).backward()
+                with pytest.raises(RuntimeError, match="create_graph"):
+                    opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(params, x, y, t).backward(create_graph=opt.should_create_graph())
+            if t in (7, 8):  # the bias is left out of the HVP step at t=7 and of the next plain step
+                params[1].grad = None
+            opt.step()
+        return params, opt
+
+    released, opt = run()
+    assert all(opt.state[p]["denom"] is not None for p in released)
+    monkeypatch.setattr(cls, "_release_before_hvp", lambda self: None)
+    kept, _ = run()
+    for a, b in zip(released, kept):
+        assert torch.equal(a.detach(), b.detach())
 
 
 def test_load_state_dict_rejects_foreign_state():
