@@ -2,7 +2,7 @@
 
 Each optimizer trains, at ONE fixed learning rate (its registry default for the base task, or a given
 one), on ``<task>-loss-x<f>`` or ``<task>-params-x<f>`` for every factor ``f``; the final *unscaled* loss
-is then plotted against ``f``.  A method that is invariant to the scale gives a flat line.  The seed's
+(the mean training loss over the last 10% of steps) is then plotted against ``f``.  A method that is invariant to the scale gives a flat line.  The seed's
 claim: ESGD-M is flat for both kinds, Adam for loss scaling only, SGD for neither (SGD's step would need
 lr / n for the loss and lr * n^2 for the parameters).
 
@@ -28,13 +28,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 from rich.table import Table
 
-__all__ = ["DEFAULT_FACTORS", "DEFAULT_OPTIMIZERS", "FLAT_SPREAD", "spread", "check_study", "parse_factors",
+__all__ = ["DEFAULT_FACTORS", "DEFAULT_OPTIMIZERS", "FLAT_SPREAD", "TAIL", "tail_loss", "spread", "check_study", "parse_factors",
            "scaled_name", "resolve_lrs", "run_scale_study", "summarise_scale", "verdicts", "plot_scale",
            "scale_rich_table", "write_scale_outputs"]
 
 DEFAULT_FACTORS = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 DEFAULT_OPTIMIZERS = ("esgd-m", "esgd", "sgd", "adam")
 FLAT_SPREAD = 0.5
+TAIL = 0.1         # the final loss is the mean over this fraction of the last steps
 _TINY = 1e-30  # keeps the spread finite when a loss is exactly zero
 
 
@@ -98,7 +99,8 @@ def run_scale_study(task: str, kind: str, *, factors: Sequence[float] = DEFAULT_
                     optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, steps: int | None = None, seeds: int = 1,
                     lr: float | None = None, task_config=None,
                     on_run: Callable[[dict], None] | None = None) -> pd.DataFrame:
-    """Train every (optimizer, factor, seed); one row per run with the final unscaled loss.
+    """Train every (optimizer, factor, seed); one row per run with the final unscaled loss (mean of the
+    last 10% of steps; ``last_loss`` is the last minibatch's).
 
     A run interrupted by Ctrl-C ends the study early: the rows so far are returned, the last one with
     status ``interrupted``."""
@@ -114,7 +116,8 @@ def run_scale_study(task: str, kind: str, *, factors: Sequence[float] = DEFAULT_
                 s = result.summary
                 row = {"task": task, "kind": kind, "factor": float(factor), "scaled_task": name,
                        "optimizer": opt, "lr": lrs[opt], "seed": seed, "steps": s.get("steps"),
-                       "final_loss": s.get("final_loss", math.nan), "eval_metric": s.get("eval_metric"),
+                       "final_loss": tail_loss(result.rows), "last_loss": s.get("final_loss", math.nan),
+                       "eval_metric": s.get("eval_metric"),
                        "eval_value": s.get("eval_value", math.nan), "status": result.status,
                        "wall_time_s": s.get("wall_time_s", math.nan),
                        "synthetic": bool(s.get("synthetic", False))}
@@ -124,6 +127,16 @@ def run_scale_study(task: str, kind: str, *, factors: Sequence[float] = DEFAULT_
                 if result.status == "interrupted":     # Ctrl-C: keep what is done, run nothing more
                     return pd.DataFrame(rows)
     return pd.DataFrame(rows)
+
+
+def tail_loss(rows: Sequence[dict], fraction: float = TAIL) -> float:
+    """Mean unscaled training loss over the last ``fraction`` of a run's steps (at least one step):
+    one minibatch's loss alone varies by tens of percent from step to step."""
+    losses = [r["loss"] for r in rows]
+    if not losses:
+        return math.nan
+    tail = losses[-max(1, math.ceil(fraction * len(losses))):]
+    return float(np.mean(tail))
 
 
 def _finite_positive(x: pd.Series) -> pd.Series:
@@ -199,7 +212,7 @@ def plot_scale(runs: pd.DataFrame, flat_spread: float = FLAT_SPREAD, *, syntheti
         ax.set_yscale("log")
     what = "loss multiplied by" if kind == "loss" else "parameters rescaled by"
     ax.set_xlabel(f"scale factor ({what} the factor)")
-    ax.set_ylabel("final training loss (unscaled)")
+    ax.set_ylabel(f"training loss (unscaled), mean of the last {TAIL:.0%} of steps")
     steps = pd.to_numeric(runs["steps"], errors="coerce").max()
     seeds = runs["seed"].nunique()
     title = f"Scale invariance: {task}, {kind} scaling, {steps:g} steps, one lr per optimizer"
