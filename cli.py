@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import tomllib
@@ -82,6 +83,13 @@ def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_
 
 
 # -- shared plumbing of run and sweep ------------------------------------------------------------------
+def _stdout() -> Console:
+    """Where results go: a terminal's own width; piped or logged output gets 160 columns (rich would
+    squeeze a wide table into 80 and cut its headers), unless COLUMNS says otherwise."""
+    console = Console()
+    return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(_ERR + _one_line(message), err=True)
     raise typer.Exit(code)
@@ -143,7 +151,7 @@ def _execute(given: dict[str, Any], config_file: Optional[Path], sweep: bool) ->
     merged.setdefault("seeds", 2 if sweep else 3)
     if sweep and not (merged.get("optimizers") or merged.get("opt")):
         _fail("sweep needs at least one --opt NAME")
-    out, err = Console(), Console(stderr=True)
+    out, err = _stdout(), Console(stderr=True)
     try:
         config = BenchConfig.from_mapping(merged)
         with RichReporter(err, show_lr=sweep) as reporter:
@@ -253,7 +261,7 @@ def tasks_cmd(pattern: Annotated[str, typer.Argument(help="fnmatch pattern, e.g.
         better = "↑" if s.higher_is_better else "↓"
         table.add_row(s.name, s.description, str(s.default_steps), str(s.default_batch_size),
                       f"{s.eval_metric} {better}", s.data_source, task_source(s.base or s.name))
-    Console().print(table)
+    _stdout().print(table)
 
 
 @app.command("optimizers")
@@ -273,7 +281,7 @@ def optimizers_cmd(pattern: Annotated[str, typer.Argument(help="fnmatch pattern,
         defaults = ", ".join(f"{k}={v}" for k, v in s.defaults.items()) or "--"
         table.add_row(s.name, "second" if s.second_order else "first", lrs, defaults, s.description,
                       optimizer_source(s.name))
-    Console().print(table)
+    _stdout().print(table)
 
 
 # -- reports: plot, table, scale, report, regress (issue 5; logic in bench.plots/tables/scale/report/regress)
@@ -312,7 +320,7 @@ def plot(dirs: _Dirs,
         path = plot_results(dirs, out, x=x, metric=metric, log_y=log_y)
     except (*_report_errors(), ValueError, OSError) as error:
         _fail(str(error))
-    Console().print(f"plot: {path}")
+    _stdout().print(f"plot: {path}")
 
 
 @app.command()
@@ -332,7 +340,7 @@ def table(dirs: _Dirs,
         _fail(str(error))
     shown = render_table(frame, format)
     if format == "rich":
-        Console().print(shown)
+        _stdout().print(shown)
     else:
         typer.echo(shown, nl=False)
 
@@ -387,8 +395,8 @@ def scale(task: Annotated[str, typer.Argument(help="Base task, e.g. rosenbrock, 
         _fail(f"cannot write to {out}: {error.strerror or error}")
     except (*_report_errors(), ValueError) as error:
         _fail(str(error))
-    Console().print(study.scale_rich_table(runs, flat_spread))
-    Console().print(f"scale study: {paths['runs']} and {paths['plot']}")
+    _stdout().print(study.scale_rich_table(runs, flat_spread))
+    _stdout().print(f"scale study: {paths['runs']} and {paths['plot']}")
     if (runs["status"] == "interrupted").any():
         typer.echo(f"interrupted: the runs finished so far are in {out}", err=True)
         raise typer.Exit(130)
@@ -407,7 +415,7 @@ def report(dirs: _Dirs,
         page = build_report(dirs, out, target=target, target_loss=target_loss, title=title)
     except (*_report_errors(), ValueError, OSError) as error:
         _fail(str(error))
-    Console().print(f"report: {page}")
+    _stdout().print(f"report: {page}")
 
 
 @app.command()
@@ -450,7 +458,7 @@ def regress(baseline: Annotated[Path, typer.Option(help="Baseline JSON.")] = Pat
         _fail(str(error.strerror or error) + (f": {error.filename}" if error.filename else ""))
     except _report_errors() as error:
         _fail(str(error))
-    console = Console()
+    console = _stdout()
     console.print(rg.regress_rich_table(result, tol))
     console.print(f"suite: {n} runs in {seconds:.1f} s"
                   + (f"; baseline written to {baseline}" if update else f"; baseline {baseline}"))
@@ -496,7 +504,7 @@ def perf(task: Annotated[str, typer.Option(help="mnist, cifar or all.")] = "all"
     config = pf.PerfConfig(tasks=names, device=device, out=out, compile=compile, rounds=rounds,
                            batch_size=batch_size, widths=width_list, memory=memory, threads=threads,
                            options=options)
-    console = Console()
+    console = _stdout()
     try:
         with console.status("perf") as status:
             path, result = pf.run_perf(config, argv=["esgd-bench"] + sys.argv[1:],
