@@ -245,14 +245,14 @@ class HessianOptimizer(Optimizer):
         theta_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(theta0)))
         z_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(probes)))
         r = (torch.finfo(params[0].dtype).eps ** (1 / 3) * (1 + theta_norm) / z_norm).item()
-        # The gradient at theta is kept by reference, not copied: with .grad unset, the closure's
-        # backward writes fresh tensors whether it zeroes with set_to_none or not at all.
-        grads0 = [p.grad for p in params]
+        # Copied, not kept by reference: under DistributedDataParallel with gradient_as_bucket_view
+        # the closure's backward writes into the very memory .grad points at.
+        grads0 = [p.grad.detach().clone() for p in params]
         after = _rng_state(params[0].device)
         torch._foreach_add_(params, probes, alpha=r)
         _set_rng_state(rng_state, params[0].device)
         try:
-            for p in params:
+            for p in params:        # the closure's backward then starts from zero, zeroing or not
                 p.grad = None
             with torch.enable_grad():
                 closure()
@@ -262,9 +262,10 @@ class HessianOptimizer(Optimizer):
             _set_rng_state(after, params[0].device)
             for p, g0 in zip(params, grads0):
                 p.grad = g0
-        torch._foreach_sub_(grads1, grads0)
-        torch._foreach_div_(grads1, r)
-        return grads1
+        # Out of place: the closure's caller may hold the gradients at theta + r z.
+        hvps = torch._foreach_sub(grads1, grads0)
+        torch._foreach_div_(hvps, r)
+        return hvps
 
     # -- the step ---------------------------------------------------------------------------------
     def _params_with_grad(self) -> list[torch.Tensor]:

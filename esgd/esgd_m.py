@@ -122,7 +122,7 @@ class ESGD(HessianOptimizer):
                     group_hvps.append(hvps[p])
                 elif state["denom"] is None or state["denom_eps"] != group["eps"]:
                     # Released for a product that did not complete, or eps changed since the last
-                    # product: rebuild the cached denominator (the same ops as the kernel, same bits).
+                    # product: rebuild the cached denominator with the single-tensor kernel's ops.
                     if state["beta2_accum"] == 1.0:
                         state["denom"] = torch.full_like(p, math.inf, memory_format=torch.preserve_format)
                     else:

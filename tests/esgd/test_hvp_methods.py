@@ -176,3 +176,56 @@ def test_product_from_a_sub_batch_is_a_different_estimate():
         opt.step()
         outs.append(torch.cat([p.detach().reshape(-1) for p in params]))
     assert not torch.allclose(outs[0], outs[1])
+
+
+def _fd_step_d(model, closure_model, keep=None):
+    """One finite-difference HVP step of ESGD-M; returns d (the squared-product EMA) per parameter."""
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = ESGD(model.parameters(), hvp_method="finite-difference", generator=torch.Generator().manual_seed(0))
+
+    def closure():
+        opt.zero_grad()
+        loss = ((closure_model(x) - y) ** 2).mean()
+        loss.backward()
+        if keep is not None:     # the tensors themselves, and their values at this moment
+            keep.append([(p.grad, p.grad.clone()) for p in model.parameters()])
+        return loss
+
+    closure()
+    opt.step(closure)
+    return [opt.state[p]["exp_avg_d_sq"].clone() for p in model.parameters()]
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_finite_difference_under_ddp_equals_plain_model(bucket_view, tmp_path):
+    # With gradient_as_bucket_view the second gradient is written into the memory the first one
+    # lived in; the product must still be g(theta + r z) - g(theta), not zero.
+    import torch.distributed as dist
+    plain = _small_model()
+    want = _fd_step_d(plain, plain)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _small_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+        got = _fd_step_d(model, ddp)
+    finally:
+        dist.destroy_process_group()
+    assert all(g.abs().max() > 0 for g in got)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_finite_difference_leaves_the_closures_gradients_alone():
+    model = _small_model()
+    kept = []
+    _fd_step_d(model, model, keep=kept)
+    assert len(kept) == 3                      # at theta (twice: before and in step) and at theta + r z
+    for grads in kept:                         # nothing the closure handed out was changed in place
+        for tensor, value in grads:
+            assert torch.equal(tensor, value)
