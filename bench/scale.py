@@ -2,9 +2,9 @@
 
 Each optimizer trains, at ONE fixed learning rate (its registry default for the base task, or a given
 one), on ``<task>-loss-x<f>`` or ``<task>-params-x<f>`` for every factor ``f``; the final *unscaled* loss
-(the mean training loss over the last 10% of steps) is then plotted against ``f``.  A method that is invariant to the scale gives a flat line.  The seed's
-claim: ESGD-M is flat for both kinds, Adam for loss scaling only, SGD for neither (SGD's step would need
-lr / n for the loss and lr * n^2 for the parameters).
+(the mean training loss over the last 10% of steps) is then plotted against ``f``.  A method that is
+invariant to the scale gives a flat line.  The seed's claim: ESGD-M is flat for both kinds, Adam for loss
+scaling only, SGD for neither (SGD's step would need lr / n for the loss and lr * n^2 for the parameters).
 
 Flatness is judged by the relative spread of the mean final loss over the factors,
 ``spread = (max - min) / min(|max|, |min|)`` (that is max/min - 1 for positive losses; it still means
@@ -28,9 +28,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from rich.table import Table
 
-__all__ = ["DEFAULT_FACTORS", "DEFAULT_OPTIMIZERS", "FLAT_SPREAD", "TAIL", "tail_loss", "spread", "check_study", "parse_factors",
-           "scaled_name", "resolve_lrs", "run_scale_study", "summarise_scale", "verdicts", "plot_scale",
-           "scale_rich_table", "write_scale_outputs"]
+__all__ = ["DEFAULT_FACTORS", "DEFAULT_OPTIMIZERS", "FLAT_SPREAD", "TAIL", "tail_loss", "spread", "check_study",
+           "parse_factors", "scaled_name", "resolve_lrs", "run_scale_study", "summarise_scale", "verdicts",
+           "plot_scale", "scale_rich_table", "write_scale_outputs"]
 
 DEFAULT_FACTORS = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 DEFAULT_OPTIMIZERS = ("esgd-m", "esgd", "sgd", "adam")
