@@ -257,21 +257,6 @@ def test_finite_difference_products_follow_the_autograd_ones(cls):
         torch.testing.assert_close(p.detach(), e, rtol=1e-2, atol=1e-4)
 
 
-@pytest.mark.parametrize("cls", PEERS)
-def test_parameter_without_gradient_is_left_alone_and_probes_are_released(cls):
-    used = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    unused = torch.nn.Parameter(torch.tensor([3.0]))
-    opt = cls([used, unused], lr=0.05)
-    for _ in range(5):
-        opt.zero_grad(set_to_none=True)
-        (used ** 4).sum().backward(create_graph=opt.should_create_graph())
-        opt.step()
-        assert not opt._step_probes
-        assert not used.grad.requires_grad   # the double-backward graph does not outlive the step
-    assert unused.item() == 3.0 and unused not in opt.state
-    assert (used.detach().abs() < torch.tensor([1.0, 2.0])).all()
-
-
 def test_adahessian_parameter_first_used_between_products_waits_for_one():
     a = torch.nn.Parameter(torch.tensor([1.0]))
     late = torch.nn.Parameter(torch.tensor([2.0]))

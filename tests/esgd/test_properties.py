@@ -238,15 +238,17 @@ def test_same_generator_seed_same_trajectory_different_seed_differs():
 
 # -- parameters, dtypes, devices ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls", HESSIAN_OPTIMIZERS)
-def test_parameter_without_gradient_is_left_alone(cls):
+@pytest.mark.parametrize("cls", RESUMABLE)
+def test_parameter_without_gradient_is_left_alone_and_nothing_outlives_the_step(cls):
     used = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     unused = torch.nn.Parameter(torch.tensor([3.0]))
-    opt = cls([used, unused], lr=0.1)
+    opt = cls([used, unused], lr=0.1 if cls in HESSIAN_OPTIMIZERS else 0.05)
     for _ in range(5):
         opt.zero_grad(set_to_none=True)
         (used ** 4).sum().backward(create_graph=opt.should_create_graph())
         opt.step()
+        assert not opt._probes and not getattr(opt, "_step_probes", None)   # AdaHessian's own cache
+        assert not used.grad.requires_grad   # the double-backward graph does not outlive the step
     assert unused.item() == 3.0 and unused not in opt.state
     assert (used.detach().abs() < torch.tensor([1.0, 2.0])).all()
 
