@@ -1,6 +1,6 @@
 """esgd: ESGD-M and plain ESGD, stochastic second-order optimizers for PyTorch.
 
-``ESGD`` is ESGD-M as shared/ESGD-M.md specifies it (Dauphin et al. 2015 with the quasi-hyperbolic momentum
+``ESGD`` is ESGD-M as docs/esgd-m.md specifies it (Dauphin et al. 2015 with the quasi-hyperbolic momentum
 of Ma & Yarats 2019); ``PlainESGD`` is the paper's original method, kept for comparison.  ``AdaHessian``
 (Yao et al. 2021) and ``Sophia`` (Sophia-H, Liu et al. 2023) are the second-order peers it is compared with.
 """

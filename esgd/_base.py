@@ -17,18 +17,26 @@ import torch
 from torch.optim import Optimizer
 
 __all__ = ["HessianOptimizer", "MissingGraphError", "DoubleBackwardUnsupportedError", "HVP_METHODS",
-           "check_betas", "check_int", "check_range", "rademacher"]
+           "check_betas", "check_int", "check_range", "decay_where_curved_", "mark_zero_curvature_",
+           "rademacher", "rng_state", "set_rng_state"]
 
 _GLOBAL_KEY = "hessian_schedule"
 
+# Both causes leave the same gradients behind (no graph), so the message has to name both.
 MISSING_GRAPH_MESSAGE = (
-    "{name}: this step computes a Hessian-vector product, but the gradients carry no autograd graph. "
-    "Call loss.backward(create_graph=opt.should_create_graph()) before opt.step()"
+    "{name}: this step computes a Hessian-vector product, but the gradients carry no autograd graph: "
+    "either backward() was called without create_graph=True (call "
+    "loss.backward(create_graph=opt.should_create_graph()) before opt.step()), or the loss is linear in "
+    "every parameter, so it has no curvature for a second-order method to use"
 )
 
 
 class MissingGraphError(RuntimeError):
-    """Raised on an HVP step when ``backward()`` was called without ``create_graph=True``."""
+    """Raised on an HVP step when no gradient carries an autograd graph.
+
+    Either ``backward()`` was called without ``create_graph=True``, or the loss is linear in every
+    parameter (its gradients are constants, graph or not); the two cannot be told apart from the gradients.
+    """
 
 
 class DoubleBackwardUnsupportedError(RuntimeError):
@@ -38,12 +46,14 @@ class DoubleBackwardUnsupportedError(RuntimeError):
 HVP_METHODS = ("autograd", "finite-difference")
 
 
-def _rng_state(device: torch.device):
+def rng_state(device: torch.device) -> tuple:
+    """The CPU random state and, on CUDA, the device's: what a replayed evaluation must start from."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state, device: torch.device) -> None:
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    """Restore a state taken by :func:`rng_state`."""
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -92,12 +102,30 @@ def rademacher(shape: torch.Size, generator: torch.Generator | None, device: tor
     return bits.to(dtype).mul_(2).sub_(1).view(shape)
 
 
+def mark_zero_curvature_(denoms: list[torch.Tensor]) -> None:
+    r"""For ``eps = 0``: set denominators that are exactly zero to :math:`+\infty`, in place.
+
+    A zero denominator means a zero curvature estimate, i.e. no information about that coordinate; with
+    :math:`+\infty` its step ``g / denom`` is 0 instead of :math:`\pm\infty` (or NaN for ``0 / 0``).
+    """
+    for denom in denoms:
+        denom.masked_fill_(denom == 0, math.inf)
+
+
+def decay_where_curved_(params: list[torch.Tensor], factors: list[float], denoms: list[torch.Tensor]) -> None:
+    """For ``eps = 0``: ``p *= factor`` except where the denominator is infinite (see
+    :func:`mark_zero_curvature_`), so a coordinate without curvature does not move at all.  Elsewhere the
+    product is the one ``p.mul_(factor)`` computes, to the bit."""
+    for p, factor, denom in zip(params, factors, denoms):
+        p.copy_(torch.where(denom.isinf(), p, p * factor))
+
+
 class HessianOptimizer(Optimizer):
     """Base class: an optimizer that needs ``H z`` on some steps.
 
     Subclasses set ``probe`` (``"rademacher"`` or ``"gaussian"``) and implement ``_update(hvp_step,
     hvps)``, where ``hvps`` maps each parameter that has a gradient to its product (or is ``None`` on a
-    step without one).  The schedule follows shared/ESGD-M.md: a step is an HVP step while
+    step without one).  The schedule follows docs/esgd-m.md: a step is an HVP step while
     ``steps_done < d_warmup`` or once ``steps_since_hvp >= update_d_every``.
     """
 
@@ -229,14 +257,14 @@ class HessianOptimizer(Optimizer):
 
     @torch.no_grad()
     def _finite_difference_hvps(self, params: list[torch.Tensor], closure: Callable[[], torch.Tensor],
-                                rng_state) -> list[torch.Tensor]:
+                                saved_rng: tuple) -> list[torch.Tensor]:
         """``H z ~ (g(theta + r z) - g(theta)) / r`` from one more first-order gradient evaluation.
 
         ``r = eps_dtype ** (1/3) * (1 + ||theta||) / ||z||``: a per-coordinate move of about
         ``eps ** (1/3)`` times the parameters' scale (5e-3 in float32).  The textbook ``sqrt(eps)``
         minimises the error of a smooth gradient, but on ReLU networks a unit that crosses its kink
         within the move adds a gradient jump divided by ``r``; with ``sqrt(eps)`` in float32 those
-        jumps swamped the estimate and froze training (an MNIST seed stuck at 20% accuracy), while
+        jumps swamped the estimate and froze training (an MNIST run stuck at 20% accuracy), while
         the larger move keeps the relative error on smooth models near 1e-3 (tests bound it).
         The RNG is rewound for the second evaluation so dropout-like layers draw the same masks.
         """
@@ -248,9 +276,9 @@ class HessianOptimizer(Optimizer):
         # Copied, not kept by reference: under DistributedDataParallel with gradient_as_bucket_view
         # the closure's backward writes into the very memory .grad points at.
         grads0 = [p.grad.detach().clone() for p in params]
-        after = _rng_state(params[0].device)
+        after = rng_state(params[0].device)
         torch._foreach_add_(params, probes, alpha=r)
-        _set_rng_state(rng_state, params[0].device)
+        set_rng_state(saved_rng, params[0].device)
         try:
             for p in params:        # the closure's backward then starts from zero, zeroing or not
                 p.grad = None
@@ -259,7 +287,7 @@ class HessianOptimizer(Optimizer):
             grads1 = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
         finally:
             torch._foreach_copy_(params, theta0)
-            _set_rng_state(after, params[0].device)
+            set_rng_state(after, params[0].device)
             for p, g0 in zip(params, grads0):
                 p.grad = g0
         # Out of place: the closure's caller may hold the gradients at theta + r z.
@@ -292,7 +320,7 @@ class HessianOptimizer(Optimizer):
         if finite_difference and closure is None:
             raise RuntimeError(f"{type(self).__name__}: hvp_method='finite-difference' evaluates the "
                                "gradient a second time on HVP steps; call opt.step(closure)")
-        rng_state = _rng_state(self._device()) if finite_difference else None
+        saved_rng = rng_state(self._device()) if finite_difference else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -302,7 +330,7 @@ class HessianOptimizer(Optimizer):
         if hvp_step and params:
             if finite_difference:
                 self._release_before_hvp()
-                local = self._finite_difference_hvps(params, closure, rng_state)
+                local = self._finite_difference_hvps(params, closure, saved_rng)
             else:
                 self.accumulate_hvp()
                 local = [self._hvp_sums[p] for p in params]
@@ -312,7 +340,7 @@ class HessianOptimizer(Optimizer):
         self._probes.clear()
         self._hvp_sums.clear()
         self._update(hvp_step, hvps)
-        # shared/ESGD-M.md: the counter is reset on an HVP step and, like steps_done, grows by one
+        # docs/esgd-m.md: the counter is reset on an HVP step and, like steps_done, grows by one
         # after every step, so with update_d_every=10 one step in ten computes a product.
         if hvp_step:
             self.steps_since_hvp = 0
@@ -349,6 +377,7 @@ class HessianOptimizer(Optimizer):
         if extra is None:
             raise ValueError(f"{type(self).__name__}.load_state_dict: the state dict has no "
                              f"'{_GLOBAL_KEY}' entry; was it saved by this optimizer?")
+        self._check_state_shapes(state_dict)
         super().load_state_dict(state_dict)
         self.steps_done = int(extra["steps_done"])
         self.steps_since_hvp = int(extra["steps_since_hvp"])
@@ -359,3 +388,21 @@ class HessianOptimizer(Optimizer):
                 raise ValueError(f"{type(self).__name__}.load_state_dict: the checkpoint holds a probe "
                                  "generator state; construct the optimizer with generator=torch.Generator()")
             self.generator.set_state(extra["generator_state"].cpu())
+
+    def _check_state_shapes(self, state_dict: dict[str, Any]) -> None:
+        # Optimizer.load_state_dict pairs saved state with parameters by position and never looks at
+        # shapes, so a checkpoint of another model would load and then fail inside the next step().
+        # Every tensor in a parameter's state here is shaped like the parameter.
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
+            return                              # Optimizer.load_state_dict reports this mismatch
+        saved_state = state_dict.get("state", {})
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            for j, (p, key) in enumerate(zip(group["params"], saved["params"])):
+                for name, value in saved_state.get(key, {}).items():
+                    if torch.is_tensor(value) and value.shape != p.shape:
+                        raise ValueError(
+                            f"{type(self).__name__}.load_state_dict: state entry {name!r} of "
+                            f"param_groups[{gi}]['params'][{j}] has shape {tuple(value.shape)}, but that "
+                            f"parameter has shape {tuple(p.shape)}; was the state saved for another model?")

@@ -4,7 +4,8 @@ Follows Yao, Gholami, Shen, Mustafa, Keutzer & Mahoney, "ADAHESSIAN: An Adaptive
 for Machine Learning", AAAI 2021 (Algorithm 1): a Hutchinson estimate ``D = z * (H z)`` of diag(H) with
 Rademacher probes, averaged over the spatial positions of each convolution kernel, an Adam-style first
 moment of the gradient and second moment of ``D^2`` with bias corrections, the Hessian power ``k`` and
-AdamW's decoupled weight decay.
+AdamW's decoupled weight decay.  ``D`` is unbiased for diag(H), but ``E[D^2] = diag(H^2)`` (before the
+spatial average), not ``diag(H)^2``: the off-diagonal entries of H enter through the probe's cross terms.
 
 The paper estimates the Hessian on every step (``update_d_every=1``, the default here); larger values
 reuse the last second moment in between.  :class:`HutchinsonOptimizer`, shared with Sophia-H, adds to
@@ -20,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import HessianOptimizer, check_betas, check_range
+from ._base import HessianOptimizer, check_betas, check_range, decay_where_curved_, mark_zero_curvature_
 
 __all__ = ["AdaHessian", "HutchinsonOptimizer", "adahessian", "spatial_average"]
 
@@ -99,7 +100,9 @@ class AdaHessian(HutchinsonOptimizer):
             ``hessian_power`` may differ per group).
         lr: learning rate (default 0.15, the paper's).
         betas: decay of the gradient EMA and of the EMA of ``D^2``.
-        eps: added to the denominator (default 1e-4).
+        eps: added to the denominator (default 1e-4).  With ``eps=0`` a coordinate whose denominator
+            is exactly zero (a zero second moment and ``hessian_power > 0``) does not move (no step, no
+            weight decay) instead of dividing by zero; only then does each step pay for that check.
         weight_decay: decoupled weight decay as in AdamW, ``theta *= 1 - lr * weight_decay``.
         hessian_power: the power ``k`` in ``v_hat^(k/2)``, in [0, 1] (1 is the paper's default).
         update_d_every: a product every this many steps (default 1: every step, as in the paper);
@@ -110,7 +113,8 @@ class AdaHessian(HutchinsonOptimizer):
         hvp_method: ``"autograd"`` (default) or ``"finite-difference"`` (needs ``opt.step(closure)``).
 
     A parameter that first receives a gradient on a step without a product has no curvature estimate
-    yet; its momentum is updated but the parameter is left unchanged until its first HVP step.
+    yet; its momentum is updated but the parameter, weight decay included, is left unchanged until its
+    first HVP step.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.15, betas: tuple[float, float] = (0.9, 0.999),
@@ -174,7 +178,8 @@ def adahessian(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     ``hessian_diags`` holds this step's (spatially averaged) estimates ``D``, or is ``None`` on a step
     without a product.  ``bias_corrections1/2`` are ``1 - beta1^t`` and ``1 - beta2^n``, already
     advanced to this step; a parameter whose ``bias_corrections2`` is still 0 (no product yet) only
-    updates its first moment.
+    updates its first moment.  With ``eps=0`` a coordinate whose denominator is exactly zero does not
+    move either.
     """
     if foreach is None:
         foreach = True
@@ -196,8 +201,13 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_avg_d_sqs, hessian_di
             continue
         v_hat = v / bias_corrections2[i]
         denom = (v_hat.sqrt_() if hessian_power == 1 else v_hat.pow_(hessian_power / 2)).add_(eps)
+        if eps == 0:
+            mark_zero_curvature_([denom])
         if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
+            if eps == 0:
+                decay_where_curved_([p], [1 - lr * weight_decay], [denom])
+            else:
+                p.mul_(1 - lr * weight_decay)
         p.addcdiv_(m, denom, value=-lr / bias_corrections1[i])
 
 
@@ -224,8 +234,13 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_avg_d_sqs, hessian_dia
         else:
             torch._foreach_pow_(denoms, hessian_power / 2)
         torch._foreach_add_(denoms, eps)
+        if eps == 0:
+            mark_zero_curvature_(denoms)
         ps = [params[i] for i in live]
         if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+            if eps == 0:
+                decay_where_curved_(ps, [1 - lr * weight_decay] * len(ps), denoms)
+            else:
+                torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_addcdiv_(ps, [exp_avgs[i] for i in live], denoms,
                                 [-lr / bias_corrections1[i] for i in live])

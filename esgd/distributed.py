@@ -1,4 +1,4 @@
-"""Data-parallel training of the Hessian-vector-product optimizers under ``torch.distributed`` (issue 8).
+"""Data-parallel training of the Hessian-vector-product optimizers under ``torch.distributed``.
 
 DistributedDataParallel averages gradients with its reducer, which hooks the first-order backward; it
 cannot carry a second backward: in torch 2.x ``loss.backward(create_graph=True)`` through a DDP module

@@ -1,6 +1,6 @@
 """ESGD-M: equilibrated SGD with quasi-hyperbolic momentum.
 
-Follows shared/ESGD-M.md: the preconditioner of ESGD (Dauphin, de Vries & Bengio, "Equilibrated adaptive
+Follows docs/esgd-m.md: the preconditioner of ESGD (Dauphin, de Vries & Bengio, "Equilibrated adaptive
 learning rates for non-convex optimization", NeurIPS 2015), an EMA of squared Hessian-vector products with
 Rademacher probes, combined with the quasi-hyperbolic momentum of Ma & Yarats (ICLR 2019), bias
 corrections as in Adam, an exponential learning-rate warmup and decoupled weight decay.
@@ -21,13 +21,17 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import HessianOptimizer, check_betas, check_range
+from ._base import HessianOptimizer, check_betas, check_range, decay_where_curved_, mark_zero_curvature_
 
 __all__ = ["ESGD", "ESGDMax", "esgd_m"]
 
 
 class ESGD(HessianOptimizer):
-    r"""ESGD-M: a stochastic second-order optimizer preconditioned by an estimate of diag(|H|).
+    r"""ESGD-M: a stochastic second-order optimizer preconditioned by an estimate of sqrt(diag(H^2)).
+
+    ``sqrt(diag(H^2))``, the row norms of H, is ESGD's equilibration preconditioner: the mean of
+    ``(H z)^2`` over Rademacher probes is ``diag(H^2)``.  docs/esgd-m.md calls it diag(|H|): it scales
+    the same way and equals it for a diagonal H.
 
     .. math::
         \begin{aligned}
@@ -53,11 +57,14 @@ class ESGD(HessianOptimizer):
         params: parameters or parameter groups (``lr``, ``betas``, ``v``, ``lr_warmup``, ``eps`` and
             ``weight_decay`` may differ per group).
         lr: learning rate (default 1; useful values are roughly 1e-3 to 1).
-        betas: decay of the gradient EMA and of the squared Hessian-diagonal EMA.
+        betas: decay of the gradient EMA and of the EMA ``d`` of squared Hessian-vector products (whose
+            mean is diag(H^2)).
         v: quasi-hyperbolic immediate discount; ``None`` means ``betas[0]`` (Nesterov momentum),
             ``1`` plain momentum; QHM's recommendation is ``betas=(0.999, 0.999), v=0.7``.
         lr_warmup: exponential warmup, the step size is ``lr * (1 - lr_warmup ** t)``; 0 disables it.
-        eps: added to the denominator.
+        eps: added to the denominator.  With ``eps=0`` a coordinate whose curvature estimate ``d`` is
+            exactly zero does not move (no step, no weight decay) instead of dividing by zero; only then
+            does each step pay for that check.
         weight_decay: decoupled weight decay, scaled by the current step size.
         update_d_every: steps between Hessian-vector products after the warmup.
         d_warmup: number of first steps that all compute a Hessian-vector product.
@@ -71,7 +78,8 @@ class ESGD(HessianOptimizer):
             the EMA, with no bias correction for it (the ``esgd-m-max`` variant; see :class:`ESGDMax`).
 
     A parameter that first receives a gradient on a step without a product has no curvature estimate
-    yet; its momentum is updated but the parameter is left unchanged until its first HVP step.
+    yet; its momentum is updated but the parameter, weight decay included, is left unchanged until its
+    first HVP step.
     """
 
     probe = "rademacher"
@@ -128,13 +136,17 @@ class ESGD(HessianOptimizer):
                     else:
                         bc2 = 1.0 if group["d_max"] else math.sqrt(1 - state["beta2_accum"])
                         state["denom"] = state["exp_avg_d_sq"].sqrt().div_(bc2).add_(group["eps"])
+                        if group["eps"] == 0:
+                            mark_zero_curvature_([state["denom"]])
                 state["denom_eps"] = group["eps"]
                 params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_d_sqs.append(state["exp_avg_d_sq"])
                 denoms.append(state["denom"])
-                step_sizes.append(group["lr"] * (1 - state["lr_accum"]))
+                # No product yet, so no estimate: a step size of 0 stops weight decay as well.
+                no_estimate = state["beta2_accum"] == 1.0
+                step_sizes.append(0.0 if no_estimate else group["lr"] * (1 - state["lr_accum"]))
                 corrs.append(1 - state["beta1_accum"] * v)
                 sqrt_bc2s.append(1.0 if group["d_max"] else math.sqrt(1 - state["beta2_accum"]))
             if not params:
@@ -167,6 +179,11 @@ def esgd_m(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
     advanced to this step.  ``hvps`` is ``None`` on a step without a product, in which case ``denoms``
     are used as they are.  With ``d_max`` the squared-product statistic is ``max(beta2 * d, h^2)``
     (pass ``sqrt_bias_corrections2`` of 1).  Returns the denominators to keep for the next step.
+
+    A parameter without a curvature estimate yet must get a step size of 0 and a denominator of ``inf``
+    (as :class:`ESGD` passes them), so that it does not move.  With ``eps=0``, denominators computed here
+    that are exactly zero become ``inf`` and such coordinates are not decayed either, so they do not
+    move; ``denoms`` passed in must follow the same convention.
     """
     if foreach is None:
         foreach = True
@@ -190,9 +207,14 @@ def _single_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, 
             else:
                 d.mul_(beta2).addcmul_(h, h, value=1 - beta2)
             denom = d.sqrt().div_(sqrt_bias_corrections2[i]).add_(eps)
+            if eps == 0:
+                mark_zero_curvature_([denom])
         new_denoms.append(denom)
         if weight_decay != 0:
-            p.mul_(1 - weight_decay * step_sizes[i])
+            if eps == 0:
+                decay_where_curved_([p], [1 - weight_decay * step_sizes[i]], [denom])
+            else:
+                p.mul_(1 - weight_decay * step_sizes[i])
         numerator = m if v == 1 else torch.lerp(g, m, v)
         p.addcdiv_(numerator, denom, value=-step_sizes[i] / corrs[i])
     return new_denoms
@@ -221,10 +243,16 @@ def _multi_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *
             dens = torch._foreach_sqrt(ds)
             torch._foreach_div_(dens, [sqrt_bias_corrections2[i] for i in idx])
             torch._foreach_add_(dens, eps)
+            if eps == 0:
+                mark_zero_curvature_(dens)
         else:
             dens = [denoms[i] for i in idx]
         if weight_decay != 0:
-            torch._foreach_mul_(ps, [1 - weight_decay * step_sizes[i] for i in idx])
+            factors = [1 - weight_decay * step_sizes[i] for i in idx]
+            if eps == 0:
+                decay_where_curved_(ps, factors, dens)
+            else:
+                torch._foreach_mul_(ps, factors)
         numerators = ms if v == 1 else torch._foreach_lerp(gs, ms, v)
         torch._foreach_addcdiv_(ps, numerators, dens, [-step_sizes[i] / corrs[i] for i in idx])
         for j, i in enumerate(idx):

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import HessianOptimizer, check_range
+from ._base import HessianOptimizer, check_range, decay_where_curved_, mark_zero_curvature_
 
 __all__ = ["PlainESGD", "esgd_plain"]
 
@@ -32,7 +32,9 @@ class PlainESGD(HessianOptimizer):
     Args:
         params: parameters or parameter groups (``lr``, ``eps`` and ``weight_decay`` may differ per group).
         lr: learning rate (default 0.1).
-        eps: damping added to the denominator (the paper's lambda).
+        eps: damping added to the denominator (the paper's lambda).  With ``eps=0`` a coordinate whose
+            estimate ``D`` is exactly zero does not move (no step, no weight decay) instead of dividing
+            by zero; only then does each step pay for that check.
         weight_decay: decoupled weight decay, scaled by ``lr``.
         update_d_every: steps between products after the warmup (default 20, as in the paper).
         d_warmup: number of first steps that all compute a product (default 10).
@@ -42,6 +44,8 @@ class PlainESGD(HessianOptimizer):
         hvp_method: ``"autograd"`` (exact) or ``"finite-difference"`` (needs ``opt.step(closure)``).
 
     The loop is the same as ESGD-M's: ``loss.backward(create_graph=opt.should_create_graph())``.
+    A parameter that first receives a gradient on a step without a product is left unchanged, weight
+    decay included, until its first HVP step.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.1, eps: float = 1e-4, weight_decay: float = 0.,
@@ -89,7 +93,8 @@ def esgd_plain(params: list[Tensor], grads: list[Tensor], d_sums: list[Tensor], 
                foreach: bool | None = None) -> None:
     """Functional plain-ESGD update of one parameter group; see :class:`PlainESGD`.
 
-    A parameter whose ``count`` is still 0 (no product yet) is left unchanged.
+    A parameter whose ``count`` is still 0 (no product yet) is left unchanged, and so is, with ``eps=0``,
+    a coordinate whose ``d_sum`` is exactly zero.
     """
     live = [i for i, c in enumerate(counts) if c > 0]
     if hvps is not None:
@@ -106,12 +111,22 @@ def esgd_plain(params: list[Tensor], grads: list[Tensor], d_sums: list[Tensor], 
         denoms = torch._foreach_div([d_sums[i] for i in live], [float(counts[i]) for i in live])
         torch._foreach_sqrt_(denoms)
         torch._foreach_add_(denoms, eps)
+        if eps == 0:
+            mark_zero_curvature_(denoms)
         if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+            if eps == 0:
+                decay_where_curved_(ps, [1 - lr * weight_decay] * len(ps), denoms)
+            else:
+                torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_addcdiv_(ps, gs, denoms, value=-lr)
     else:
         for i, p, g in zip(live, ps, gs):
             denom = (d_sums[i] / counts[i]).sqrt_().add_(eps)
+            if eps == 0:
+                mark_zero_curvature_([denom])
             if weight_decay != 0:
-                p.mul_(1 - lr * weight_decay)
+                if eps == 0:
+                    decay_where_curved_([p], [1 - lr * weight_decay], [denom])
+                else:
+                    p.mul_(1 - lr * weight_decay)
             p.addcdiv_(g, denom, value=-lr)

@@ -7,8 +7,10 @@ AdamW-style decoupled weight decay and the update ``-lr * clip(m / max(gamma * h
 
 This is the form of the paper's final version, where ``gamma`` (called ``rho`` here, as in the authors'
 code and the first version's text) scales the curvature and the clip threshold is 1.  The first
-version wrote ``clip(m / max(h, eps), rho)``, which is the same update with ``lr`` multiplied by rho
-and ``eps`` divided by it.  There is no bias correction, as in the paper.
+version's update is ``lr1 * clip(m / max(h, eps1), rho)``; since ``clip(x, rho) = rho * clip(x / rho, 1)``
+for ``rho > 0``, that is ``(lr1 * rho) * clip(m / max(rho * h, rho * eps1), 1)``, the final form with
+``lr = lr1 * rho`` and ``eps = eps1 * rho``: both multiplied by rho.  There is no bias correction, as in
+the paper.
 """
 
 from __future__ import annotations

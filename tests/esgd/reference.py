@@ -1,4 +1,4 @@
-"""Independent references for the optimizers, written from the formulas of shared/ESGD-M.md.
+"""Independent references for the optimizers, written from the formulas of docs/esgd-m.md.
 
 Plain Python loops over parameters, Python-float bookkeeping, and Hessian-vector products taken from the
 explicit Hessian (``torch.autograd.functional.hessian`` of a flat parameter vector), so nothing here shares
@@ -55,7 +55,7 @@ def hvp(params, x, y, t, probes, scale=1.0):
 
 def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_warmup=20,
                      lr_schedule=None, scale=1.0, d_max=False):
-    """ESGD-M, literally as shared/ESGD-M.md writes it.
+    """ESGD-M, literally as docs/esgd-m.md writes it.
 
     ``groups`` is a list of (param indices, hyperparameter dict with lr, betas, v, lr_warmup, eps,
     weight_decay); ``probes`` is the list of per-step probe lists of the optimizer's HVP steps;

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esgd import ESGD, MissingGraphError, PlainESGD
+from esgd import ESGD, AdaHessian, ESGDMax, MissingGraphError, PlainESGD, Sophia
 
 
 def param():
@@ -59,6 +59,24 @@ def test_missing_graph_on_hvp_step_says_what_to_call(cls):
     (p ** 3).sum().backward()  # forgot create_graph on an HVP step
     with pytest.raises(MissingGraphError, match=r"backward\(create_graph=opt\.should_create_graph\(\)\)"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls", [ESGD, ESGDMax, PlainESGD, AdaHessian, Sophia])
+def test_missing_graph_message_also_names_a_loss_linear_in_every_parameter(cls):
+    """A loss linear in every parameter leaves gradients without a graph even with create_graph=True,
+    so the message cannot just blame a missing create_graph."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = cls(model.parameters())
+    assert opt.should_create_graph()
+    (model(torch.randn(5, 3)) * torch.randn(5, 2)).sum().backward(create_graph=True)
+    assert not any(p.grad.requires_grad for p in model.parameters())
+    with pytest.raises(MissingGraphError) as info:
+        opt.step()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "create_graph=True" in message and "loss.backward(create_graph=opt.should_create_graph())" in message
+    assert "linear in every parameter" in message and "no curvature" in message, message
 
 
 def test_plain_backward_is_fine_on_steps_without_product():
