@@ -1,1 +1,1 @@
-"""bench: the benchmark machinery of esgd-bench: optimizer registry, runner, timing, results, reports."""
+"""bench: the benchmark machinery behind esgd-bench, in layers: configuration and the grid on top, executors, the training loop and its step routes, then the optimizer registry, timing and the results store."""

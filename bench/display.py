@@ -1,8 +1,8 @@
-"""Rich output of ``esgd-bench run`` / ``sweep`` (issue 4): live progress bars and the end-of-run tables.
+"""Rich output: the live progress bars of ``run`` and ``sweep``, their end-of-run tables, and ``perf``'s.
 
 One bar per (task, optimizer, lr, seed) cell with steps/s, the current loss and the ETA, as rich's
 ``Progress`` documents; the summary table gives mean ± sample std over seeds per optimizer
-(:func:`bench.results.aggregate_summary`).  Kept apart from ``cli.py`` so the command functions stay thin.
+(:func:`bench.readers.aggregate_summary`).  Kept apart from ``cli.py`` so the command functions stay thin.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from .results import aggregate_summary
-from .runner import Cell, Reporter, RunResult
+from .grid import Reporter
+from .readers import aggregate_summary
+from .train import Cell, RunResult
 
-__all__ = ["RichReporter", "summary_table", "sweep_table", "fmt"]
+__all__ = ["RichReporter", "summary_table", "sweep_table", "fmt", "perf_table", "targets_table"]
 
 
 class _Rate(ProgressColumn):
@@ -32,11 +33,11 @@ class _Rate(ProgressColumn):
 
 def _label(cell: Cell, show_lr: bool) -> str:
     lr = f" lr={cell.lr:g}" if show_lr else ""
-    return f"{cell.task} {cell.optimizer}{lr} seed {cell.seed}"
+    return f"{cell.task} {cell.optimizer.label}{lr} seed {cell.seed}"
 
 
 class RichReporter(Reporter):
-    """A :class:`~bench.runner.Reporter` that draws one rich progress bar per cell."""
+    """A :class:`~bench.grid.Reporter` that draws one rich progress bar per cell."""
 
     def __init__(self, console: Console, show_lr: bool = False) -> None:
         self.console, self.show_lr = console, show_lr
@@ -120,3 +121,50 @@ def sweep_table(best: pd.DataFrame) -> Table:
         mark = "[bold green]*[/]" if r["best"] else ""
         table.add_row(r["task"], r["optimizer"], f"{r['lr']:g}{mark}", r["runs"], loss)
     return table
+# -- rich output -------------------------------------------------------------------------------------
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def perf_table(table: pd.DataFrame) -> list[Table]:
+    """``esgd-bench perf``'s tables: one per task/mode section, and the parameter sweep."""
+    tables = []
+    tasks_part = table[table["section"] == "task"]
+    for (task, mode), g in tasks_part.groupby(["task", "mode"], sort=False):
+        t = Table(title=f"{task} ({mode}, {int(g['params'].iloc[0]):,} params, batch {int(g['batch_size'].iloc[0])}, "
+                        f"{int(g['threads'].iloc[0])} threads; medians of {int(g['rounds'].iloc[0])} rounds)")
+        for col in ("optimizer", "HVP route", "fwd+bwd ms", "update ms", "update / Adam", "HVP step ms",
+                    "HVP = grad evals", "HVP FLOPs = grad evals", "amortised ms", "amortised / Adam",
+                    "peak mem / Adam", "mem above start / Adam"):
+            t.add_column(col, justify="left" if col in ("optimizer", "HVP route") else "right")
+        for r in g.to_dict("records"):
+            t.add_row(r["optimizer"], r["hvp_route"] or "-", _f(r["fb_ms"], "{:.1f}"),
+                      _f(r["update_ms"], "{:.2f}"), _f(r.get("update_vs_adam")), _f(r["hvp_step_ms"], "{:.1f}"),
+                      _f(r["hvp_grad_evals"]), _f(r.get("hvp_flop_evals")), _f(r["amortised_ms"], "{:.1f}"),
+                      _f(r.get("amortised_vs_adam")),
+                      _f(r.get("peak_mem_vs_adam")), _f(r.get("peak_extra_vs_adam")))
+        tables.append(t)
+    sweep = table[table["section"] == "sweep"]
+    if len(sweep):
+        t = Table(title="parameter sweep: MLP 784-w-w-10 (amortised step; linear growth shows as a flat us/kparam)")
+        for col in ("width", "params", "optimizer", "amortised ms", "amortised / Adam", "us / kparam",
+                    "HVP = grad evals", "peak mem / Adam", "mem above start / Adam"):
+            t.add_column(col, justify="right")
+        for r in sweep.to_dict("records"):
+            t.add_row(r["task"].split("-")[1], f"{int(r['params']):,}", r["optimizer"],
+                      _f(r["amortised_ms"], "{:.1f}"), _f(r.get("amortised_vs_adam")),
+                      _f(r.get("us_per_kparam"), "{:.3f}"), _f(r["hvp_grad_evals"]),
+                      _f(r.get("peak_mem_vs_adam")), _f(r.get("peak_extra_vs_adam")))
+        tables.append(t)
+    return tables
+
+
+def targets_table(checks: list[dict[str, Any]]) -> Table:
+    """Each performance target of ``esgd-bench perf``: the measured ratio, its bound, met or not."""
+    t = Table(title="Performance targets (ratios to Adam)")
+    for col in ("task", "target", "value", "bound", "met"):
+        t.add_column(col, justify="left" if col in ("task", "target") else "right")
+    for c in checks:
+        t.add_row(c["task"], c["target"], _f(c["value"]), f"<= {c['bound']:.2f}",
+                  "[green]yes[/green]" if c["met"] else "[red]no[/red]")
+    return t

@@ -1,14 +1,13 @@
-"""The optimizer registry, after timm's optimizer factory.
+"""The optimizer registry as the suite uses it: look names up, list them, and read a user's choice.
 
-Entries are small frozen dataclasses: a lowercase name, a factory, default hyperparameters, per-task
-default learning rates, a description and the ``second_order`` flag that tells the runner to call
-``backward(create_graph=opt.should_create_graph())``.  ``get_optimizer`` raises with the valid names and a
-close match; ``list_optimizers`` filters with fnmatch.  ``parse_opt_spec`` reads the command line's
-``name:key=value,...`` form (``adam:lr=3e-4,betas=(0.9,0.95)``) and ``validate_overrides`` checks the keys
-against the factory's signature and the values against its defaults' types, so a typo fails before any
-training with one line naming the optimizer, the key and the valid keys.  Besides the registered names, a
-spec may name any ``torch.optim.Optimizer`` subclass as ``package.module:ClassName[:key=value,...]``, and
-installed packages may add entries through entry points; both live in :mod:`bench.plugins`.
+A choice on the command line is ``name[:key=value,...]`` (``adam:lr=3e-4,betas=(0.9,0.95)``), where the
+name is a registered one (:mod:`bench.registry`, plugins included) or any ``torch.optim.Optimizer``
+subclass as ``package.module:ClassName`` (:mod:`bench.plugins`).  :func:`parse_optimizer` reads it once
+into an :class:`OptimizerChoice`: the entry, the keyword arguments given, and the training loop's options.
+It checks the keys against the constructor's signature, the values against its defaults' types, and
+builds the optimizer once on a dummy parameter, so a typo or a value the class rejects fails before any
+training with one line naming the optimizer, the key and the valid keys.  Everything downstream uses the
+typed choice; nothing parses the text again.
 """
 
 from __future__ import annotations
@@ -19,132 +18,129 @@ import fnmatch
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from . import plugins
-from esgd import ESGD, AdaHessian, ESGDMax, HessianOptimizer, PlainESGD, Sophia
+from .errors import OptimizerSpecError, UnknownOptimizerError
+from .registry import LOOP_OPTIONS, OptimizerSpec, default_lr, registered
 
-__all__ = ["OptimizerSpec", "UnknownOptimizerError", "OptimizerSpecError", "register_optimizer",
-           "get_optimizer", "list_optimizers", "create_optimizer", "default_lr", "needs_create_graph",
-           "parse_opt_spec", "format_opt_spec", "validate_overrides", "option_names", "LOOP_OPTIONS"]
-
-
-class UnknownOptimizerError(LookupError):
-    """An optimizer name that is not in the registry."""
-
-    def __str__(self) -> str:  # LookupError would quote the message
-        return str(self.args[0])
-
-
-class OptimizerSpecError(ValueError):
-    """A malformed ``name:key=value`` spec, an unknown key or a value of the wrong type."""
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    name: str
-    factory: Callable[..., torch.optim.Optimizer]
-    description: str
-    second_order: bool
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    # Default learning rate per task family (a scaled variant uses its base task's entry); "*" is the
-    # fallback.  How each value was chosen is written down in the README.
-    lrs: Mapping[str, float] = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, OptimizerSpec] = {}
-
-
-def register_optimizer(spec: OptimizerSpec, *, replace: bool = False) -> OptimizerSpec:
-    if spec.name != spec.name.lower():
-        raise ValueError(f"optimizer names are lowercase, got {spec.name!r}")
-    if spec.name in _REGISTRY and not replace:
-        raise ValueError(f"optimizer {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def _load_plugins() -> None:
-    plugins.load_optimizer_plugins(register_optimizer)   # entry points, read once (bench/plugins.py)
+__all__ = ["OptimizerChoice", "get_optimizer", "list_optimizers", "parse_optimizer", "option_names",
+           "needs_create_graph", "class_name", "default_lr"]
 
 
 def get_optimizer(name: str) -> OptimizerSpec:
     """A registered name, a plugin's name, or a ``package.module:ClassName`` reference."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if plugins.is_class_path(name):
-        return plugins.class_path_spec(name)
-    _load_plugins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        valid = sorted(_REGISTRY)
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownOptimizerError(
-            f"unknown optimizer {name!r}.{hint} Valid names: {', '.join(valid)}, or any "
-            "torch.optim.Optimizer subclass as package.module:ClassName") from None
+    found = registered().get(name)
+    if found is not None:
+        return found
+    ref = plugins.split_class_path(name)
+    if ref is not None and not ref[1]:
+        return plugins.class_path_spec(ref[0])
+    plugins.load_optimizer_plugins()
+    found = registered().get(name)
+    if found is not None:
+        return found
+    valid = plugins.names()
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownOptimizerError(f"unknown optimizer {name!r}.{hint} Valid names: {', '.join(valid)}, or any "
+                                "torch.optim.Optimizer subclass as package.module:ClassName")
 
 
 def list_optimizers(pattern: str = "*") -> list[OptimizerSpec]:
-    _load_plugins()
-    return [_REGISTRY[n] for n in sorted(_REGISTRY) if fnmatch.fnmatch(n, pattern)]
+    plugins.load_optimizer_plugins()
+    every = registered()
+    return [every[n] for n in sorted(every) if fnmatch.fnmatch(n, pattern)]
 
 
-def default_lr(spec: OptimizerSpec, task: str | None) -> float | None:
-    """The registry's learning rate for ``task`` (scaled variants fall back to their base task)."""
-    if task is not None:
-        for key in (task, task.split("-")[0]):
-            if key in spec.lrs:
-                return spec.lrs[key]
-    return spec.lrs.get("*", spec.defaults.get("lr"))
+def class_name(spec: OptimizerSpec) -> str:
+    """Where the class is imported from, as users write it: ``esgd.ESGD``, ``torch.optim.Adam``."""
+    cls = spec.factory
+    for package in ("esgd", "torch.optim"):
+        module = __import__(package, fromlist=["_"])
+        if getattr(module, getattr(cls, "__name__", ""), None) is cls:
+            return f"{package}.{cls.__name__}"
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
 
 
-def needs_create_graph(opt: torch.optim.Optimizer) -> bool:
-    """True when the next backward must build a graph (timm reads the same flag)."""
+def needs_create_graph(opt: torch.optim.Optimizer, second_order: bool) -> bool:
+    """Whether the next backward must build the gradient's graph: the optimizer's own
+    ``should_create_graph()`` when it has one (esgd's optimizers), else its entry's flag."""
     should = getattr(opt, "should_create_graph", None)
-    return bool(should()) if callable(should) else False
+    return bool(should()) if callable(should) else second_order
 
 
-def create_optimizer(name: str | OptimizerSpec, params: Iterable, *, task: str | None = None,
-                     seed: int | None = None, **overrides: Any) -> torch.optim.Optimizer:
-    """Build a registered optimizer: defaults, then the task's learning rate, then ``overrides``.
+_NOT_OPTIONS = {"params", "generator", "self"}
 
-    Second-order optimizers whose factory takes a ``generator`` get one seeded with ``seed``, so the
-    probes are reproducible and independent of the global RNG.
+
+def option_names(spec: OptimizerSpec) -> list[str]:
+    """The keys a choice may set: the factory's keyword arguments, and the loop's options."""
+    params = inspect.signature(spec.factory).parameters
+    names = [n for n, p in params.items() if n not in _NOT_OPTIONS
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names + [k for k in LOOP_OPTIONS if spec.takes_loop_options and k not in names]
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """One optimizer as the user chose it: the entry and the ``key=value`` settings they gave.
+
+    ``given`` holds the settings as typed (their canonical text is :attr:`label`, which names the runs
+    in every result); :meth:`create` builds the optimizer from the entry's defaults, the task's default
+    learning rate, ``given`` and the caller's extras, in that order.  ``hvp_fraction`` is an option of
+    the training loop, not of the constructor.
     """
-    spec = get_optimizer(name) if isinstance(name, str) else name
-    params = list(params)
-    kwargs = dict(spec.defaults)
-    lr = default_lr(spec, task)
-    if lr is not None:
-        kwargs["lr"] = lr
-    kwargs.update(overrides)
-    loop = {k: kwargs.pop(k) for k in LOOP_OPTIONS if k in kwargs}
-    if spec.second_order and seed is not None and "generator" not in kwargs \
-            and "generator" in inspect.signature(spec.factory).parameters:
-        device = _first_device(params)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        kwargs["generator"] = gen
-    opt = spec.factory(params, **kwargs)
-    if _takes_loop_options(spec):
-        # Read by the training loop (bench.runner), not by the optimizer: see LOOP_OPTIONS.
-        opt.hvp_fraction = float(loop.get("hvp_fraction", LOOP_OPTIONS["hvp_fraction"]))
-    return opt
 
+    spec: OptimizerSpec
+    given: Mapping[str, Any] = field(default_factory=dict)
 
-# Options of the training loop rather than of the optimizer's constructor, accepted by every spec whose
-# optimizer is a HessianOptimizer (it has accumulate_hvp(loss)).  hvp_fraction = f < 1 makes the loop take
-# each HVP step's product on the loss of the batch's first ceil(f * B) rows only (a plain backward gives
-# the update's gradient), the sub-batch estimate of Sophia (Liu et al. 2023); 1 is the exact product.
-LOOP_OPTIONS: dict[str, Any] = {"hvp_fraction": 1.0}
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
+    @property
+    def second_order(self) -> bool:
+        return self.spec.second_order
 
-def _takes_loop_options(spec: OptimizerSpec) -> bool:
-    return spec.second_order and isinstance(spec.factory, type) and issubclass(spec.factory, HessianOptimizer)
+    @property
+    def lr(self) -> float | None:
+        """The learning rate fixed in the choice itself (``adam:lr=3e-4``), else ``None``."""
+        return self.given.get("lr")
+
+    @property
+    def hvp_fraction(self) -> float:
+        return float(self.given.get("hvp_fraction", self.spec.defaults.get("hvp_fraction", 1.0)))
+
+    @property
+    def label(self) -> str:
+        """``adam`` or ``adam:lr=0.0003,weight_decay=0.1`` (keys sorted): the runs' name in results."""
+        if not self.given:
+            return self.name
+        return f"{self.name}:" + ",".join(f"{k}={_fmt(v)}" for k, v in sorted(self.given.items()))
+
+    def lr_for(self, task: str | None) -> float | None:
+        return self.lr if self.lr is not None else default_lr(self.spec, task)
+
+    def create(self, params: Iterable, *, task: str | None = None, seed: int | None = None,
+               **extra: Any) -> torch.optim.Optimizer:
+        """Build the optimizer.  Second-order optimizers that take a ``generator`` get one seeded with
+        ``seed``, so the probes are reproducible and independent of the global RNG."""
+        params = list(params)
+        kwargs = {k: v for k, v in self.spec.defaults.items() if k not in LOOP_OPTIONS}
+        lr = default_lr(self.spec, task)
+        if lr is not None:
+            kwargs["lr"] = lr
+        kwargs.update((k, tuple(v) if isinstance(v, list) else v) for k, v in self.given.items()
+                      if k not in LOOP_OPTIONS)
+        kwargs.update(extra)
+        if self.second_order and seed is not None and "generator" not in kwargs \
+                and "generator" in inspect.signature(self.spec.factory).parameters:
+            gen = torch.Generator(device=_first_device(params))
+            gen.manual_seed(seed)
+            kwargs["generator"] = gen
+        return self.spec.factory(params, **kwargs)
 
 
 def _first_device(params: list) -> torch.device:
@@ -155,16 +151,10 @@ def _first_device(params: list) -> torch.device:
     return torch.device("cpu")
 
 
-# -- command-line specs ---------------------------------------------------------------------------
-_NO_OVERRIDE = {"params", "generator", "self"}
-
-
-def option_names(spec: OptimizerSpec) -> list[str]:
-    """The hyperparameters a spec string may set: the factory's keyword arguments."""
-    params = inspect.signature(spec.factory).parameters
-    names = [n for n, p in params.items() if n not in _NO_OVERRIDE
-             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return names + [k for k in LOOP_OPTIONS if _takes_loop_options(spec) and k not in names]
+def _fmt(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return "(" + ",".join(_fmt(x) for x in v) + ")"
+    return repr(v) if isinstance(v, str) else str(v)
 
 
 def _split_top(text: str) -> list[str]:
@@ -194,72 +184,56 @@ def _parse_value(text: str) -> Any:
         return text.strip()     # a bare word such as probe=rademacher
 
 
-def parse_opt_spec(text: str) -> tuple[str, dict[str, Any]]:
-    """``"adam:lr=3e-4,weight_decay=0.1"`` -> ``("adam", {"lr": 3e-4, "weight_decay": 0.1})``.
+def _split_name(text: str) -> tuple[str, str]:
+    """The name and the settings' text; a ``package.module:ClassName`` reference keeps its case, and a
+    registered name wins over a reference (``adam:lr`` is a malformed choice, not ``import adam``)."""
+    ref = plugins.split_class_path(text)
+    if ref is not None and ref[0].partition(":")[0].lower() not in plugins.names():
+        return ref
+    name, _, rest = text.strip().partition(":")
+    return name.strip().lower(), rest
 
-    The name must be registered and every key a keyword of its factory; values are Python literals
-    (numbers, ``true``/``false``, ``none``, tuples such as ``(0.9,0.95)``) checked by
-    :func:`validate_overrides`.
+
+def parse_optimizer(text: str | OptimizerChoice) -> OptimizerChoice:
+    """``"adam:lr=3e-4,weight_decay=0.1"`` -> a checked :class:`OptimizerChoice` (a choice passes through).
+
+    Values are Python literals (numbers, ``true``/``false``, ``none``, tuples such as ``(0.9,0.95)``) or
+    bare words.
     """
+    if isinstance(text, OptimizerChoice):
+        return text
+    if not isinstance(text, str):
+        raise OptimizerSpecError(f"an optimizer is a name such as 'adam' or 'adam:lr=3e-4', got {text!r}")
     name, rest = _split_name(text)
     spec = get_optimizer(name)
-    overrides: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     if rest.strip():
         for item in _split_top(rest):
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or not key or not value.strip():
                 raise OptimizerSpecError(
-                    f"bad optimizer spec {text!r}: expected name:key=value[,key=value...], got {item!r}")
-            if key in overrides:
-                raise OptimizerSpecError(f"bad optimizer spec {text!r}: {key!r} given twice")
-            overrides[key] = _parse_value(value)
-    if "lr" not in overrides and default_lr(spec, None) is None and "lr" in option_names(spec):
-        raise OptimizerSpecError(f"{spec.name} has no default learning rate; give one in the spec, "
-                                 f"e.g. --opt {spec.name}:lr=1e-3")
-    validate_overrides(spec, overrides)
-    return spec.name, overrides
-
-
-def _split_name(text: str) -> tuple[str, str]:
-    """The name and the overrides' text; a ``package.module:ClassName`` reference keeps its case, and a
-    registered name wins over a reference (``adam:lr`` is a malformed spec, not ``import adam``)."""
-    ref = plugins.split_class_path(text)
-    if ref is not None:
-        head = ref[0].partition(":")[0].lower()
-        if head not in _REGISTRY:
-            _load_plugins()
-        if head not in _REGISTRY:
-            return ref
-    name, _, rest = text.strip().partition(":")
-    return name.strip().lower(), rest
-
-
-def format_opt_spec(name: str, overrides: Mapping[str, Any] | None = None) -> str:
-    """The canonical label of a spec: ``adam`` or ``adam:lr=0.0003,weight_decay=0.1`` (keys sorted)."""
-    if not overrides:
-        return name
-    items = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(overrides.items()))
-    return f"{name}:{items}"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, tuple):
-        return "(" + ",".join(_fmt(x) for x in v) + ")"
-    return repr(v) if isinstance(v, str) else str(v)
+                    f"bad optimizer {text!r}: expected name:key=value[,key=value...], got {item!r}")
+            if key in given:
+                raise OptimizerSpecError(f"bad optimizer {text!r}: {key!r} given twice")
+            given[key] = _parse_value(value)
+    if "lr" not in given and default_lr(spec, None) is None and "lr" in option_names(spec):
+        raise OptimizerSpecError(f"{spec.name} has no default learning rate; give one, e.g. "
+                                 f"--opt {spec.name}:lr=1e-3")
+    choice = OptimizerChoice(spec, given)
+    _check(choice)
+    return choice
 
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def validate_overrides(spec: OptimizerSpec | str, overrides: Mapping[str, Any]) -> None:
-    """Raise :class:`OptimizerSpecError` for an unknown key, a value whose type does not match the
-    factory's default, or a value the optimizer's constructor rejects (tried on a dummy parameter)."""
-    spec = get_optimizer(spec) if isinstance(spec, str) else spec
-    valid = option_names(spec)
+def _check(choice: OptimizerChoice) -> None:
+    """Keys, value types and one construction on a dummy parameter (the constructor's own checks)."""
+    spec, valid = choice.spec, option_names(choice.spec)
     params = inspect.signature(spec.factory).parameters
-    for key, value in overrides.items():
+    for key, value in choice.given.items():
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -284,54 +258,12 @@ def validate_overrides(spec: OptimizerSpec | str, overrides: Mapping[str, Any]) 
         if not ok:
             raise OptimizerSpecError(f"{spec.name}: bad value for {key}: {value!r} "
                                      f"(expected something like {default!r})")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     try:
-        create_optimizer(spec, [torch.nn.Parameter(torch.zeros(1))], **kwargs)
+        choice.create([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
-        raise OptimizerSpecError(f"{spec.name}: {err}") from None
-    except Exception as err:    # a user class (--opt module:Class) may reject overrides any way it likes
-        raise OptimizerSpecError(f"{spec.name}: {type(err).__name__}: {err}") from None
-
-
-# Default learning rates, each chosen by `esgd-bench sweep` (best mean final loss on the grid; the README's
-# "Learning rates" section has the tables):
-#   mnist:      `esgd-bench sweep mnist --opt <all seven> --lrs 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1,0.3,1
-#               --seeds 1 --steps 300` (full 784-1024-1024-10 MLP, offline digits).
-#   rosenbrock: `esgd-bench sweep rosenbrock --opt sgd --opt adam --opt esgd --opt esgd-m --steps 500 --seeds 1
-#               --lrs 1e-4,...,1` (SGD diverges above 1e-3); adahessian/sophia with --lrs 1e-3,...,4;
-#               esgd-m, esgd-m-max and esgd again with --lrs 0.3,1,3,10,30,100 (esgd-m's best is 10).
-#   quadratic:  adahessian/sophia swept over 300 steps; the others keep the values the scale tests were made with.
-# "*" (cifar and plugin tasks) repeats mnist's value: CIFAR-10 is not on this machine, so it was never swept.
-register_optimizer(OptimizerSpec(
-    name="esgd-m", factory=ESGD, second_order=True,
-    description="ESGD-M: Hessian-diagonal preconditioning with quasi-hyperbolic (Nesterov) momentum",
-    defaults={}, lrs={"*": 0.03, "mnist": 0.03, "rosenbrock": 10.0, "quadratic": 1.0}))
-register_optimizer(OptimizerSpec(
-    name="esgd-m-sub", factory=ESGD, second_order=True,
-    description="ESGD-M with the HVP on 1/8 of the batch (hvp_fraction=0.125; Sophia's sub-batch estimate)",
-    defaults={"hvp_fraction": 0.125}, lrs={"*": 0.03, "mnist": 0.03, "rosenbrock": 10.0, "quadratic": 1.0}))
-register_optimizer(OptimizerSpec(
-    name="esgd", factory=PlainESGD, second_order=True,
-    description="Plain ESGD (Dauphin et al. 2015): running average of (Hz)^2, Gaussian probes, no momentum",
-    defaults={}, lrs={"*": 0.01, "mnist": 0.01, "rosenbrock": 1.0, "quadratic": 0.1}))
-register_optimizer(OptimizerSpec(
-    name="sgd", factory=torch.optim.SGD, second_order=False,
-    description="SGD with Nesterov momentum 0.9",
-    defaults={"momentum": 0.9, "nesterov": True},
-    lrs={"*": 0.1, "mnist": 0.1, "rosenbrock": 1e-3, "quadratic": 0.01}))
-register_optimizer(OptimizerSpec(
-    name="adam", factory=torch.optim.Adam, second_order=False,
-    description="Adam (torch.optim.Adam, foreach)",
-    defaults={}, lrs={"*": 1e-3, "mnist": 1e-3, "rosenbrock": 1.0, "quadratic": 1e-3}))
-register_optimizer(OptimizerSpec(
-    name="esgd-m-max", factory=ESGDMax, second_order=True,
-    description="ESGD-M keeping max(beta2 * d, (Hz)^2), an infinity norm, instead of the EMA; no bias correction",
-    defaults={}, lrs={"*": 0.1, "mnist": 0.1, "rosenbrock": 10.0, "quadratic": 1.0}))
-register_optimizer(OptimizerSpec(
-    name="adahessian", factory=AdaHessian, second_order=True,
-    description="AdaHessian (Yao et al. 2021): Adam with Hutchinson diag(H)^2, conv-kernel averaging, HVP every step",
-    defaults={}, lrs={"*": 0.03, "mnist": 0.03, "rosenbrock": 4.0, "quadratic": 0.3}))
-register_optimizer(OptimizerSpec(
-    name="sophia", factory=Sophia, second_order=True,
-    description="Sophia-H (Liu et al. 2023): momentum / max(rho * EMA of Hutchinson diag(H), eps), clipped to 1",
-    defaults={}, lrs={"*": 3e-4, "mnist": 3e-4, "rosenbrock": 0.1, "quadratic": 0.01}))
+        raise OptimizerSpecError(f"{spec.name}: {' '.join(str(err).split())}") from None
+    except BaseException as err:    # a user's class may reject settings any way, even with sys.exit()
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        text = " ".join(str(err).split())
+        raise OptimizerSpecError(f"{spec.name}: {type(err).__name__}{': ' + text if text else ''}") from None

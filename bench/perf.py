@@ -1,9 +1,9 @@
-"""``esgd-bench perf`` (issue 6): what one training step of each optimizer costs, as ratios to Adam.
+"""``esgd-bench perf``: what one training step of each optimizer costs, as ratios to Adam.
 
 Method, after the "benchmark side by side, interleave, take medians" advice of airbench and pytorch's
 ``torch.utils.benchmark``: every optimizer variant trains its own copy of the same model (same seed) on
-the same task, with exactly the building blocks of :func:`bench.runner.train` (``backward_with_hvp``,
-:class:`bench.distributed.ScaledStep` for finite differences).  After a warm-up, each *round* runs one
+the same task, with exactly the step code of :func:`bench.train.train` (:class:`bench.steps.StepRoute`,
+whatever the route).  After a warm-up, each *round* runs one
 short cycle of every variant in turn (the order rotates from round to round) and times each step's two
 regions: ``zero_grad`` + forward + backward (plus a sub-batch product on its HVP steps), and
 ``loss.item()`` + ``step()``.  A cycle is one HVP step followed by two plain steps (``update_d_every=3``,
@@ -16,7 +16,7 @@ Ratios of compiled variants are to eager Adam. Derived figures: ``hvp_extra`` = 
 ``hvp_grad_evals`` = ``hvp_extra`` / plain forward+backward (how many gradient evaluations one product
 costs); ``hvp_flop_evals``, the same by counting matmul and convolution FLOPs (``torch.utils.flop_counter``
 over one HVP step and one plain step): the product's arithmetic floor, which kernels can approach but
-not beat; ``amortised`` = (9 plain + 1 HVP) / 10, the issue's "exact HVP every 10 steps" (the schedule with
+not beat; ``amortised`` = (9 plain + 1 HVP) / 10, one exact product every 10 steps (the schedule with
 ``update_d_every=10``, after its 20-step warm-up). A parameter-count sweep times MLPs of about 0.1 M, 1 M
 and 10 M parameters. Peak memory: each (task, variant) trains a few steps, HVP steps included, in a fresh
 process forked from a server that has imported torch only; CPU: the peak resident set size (``VmHWM``), and
@@ -33,10 +33,6 @@ import dataclasses
 import datetime as _dt
 import gc
 import math
-import multiprocessing as mp
-import os
-import re
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,21 +45,27 @@ import torch
 import tasks
 from tasks import TaskConfig
 
-from . import results as store
-from .compiled import compile_model, hvp_overrides
-from .distributed import ScaledStep
-from .optimizers import create_optimizer, get_optimizer, parse_opt_spec
-from .runner import BenchError, backward_with_hvp, resolve_device, sub_batch
+from .config import resolve_device
+from .environment import environment, load_average
+from .errors import BenchError
+from .optimizers import OptimizerChoice, parse_optimizer
+from .memory import peak_memory
+from .steps import StepRoute, compiled_extras
+from .store import check_folder, write_csv, write_json
+from .timing import median
 
-__all__ = ["PerfConfig", "Variant", "VARIANTS", "SWEEP_WIDTHS", "TARGETS", "run_perf", "perf_table",
-           "targets_table", "target_checks"]
+__all__ = ["PerfConfig", "Variant", "VARIANTS", "SWEEP_WIDTHS", "TARGETS", "run_perf", "target_checks"]
 
 
 @dataclass(frozen=True)
 class Variant:
     label: str
-    spec: str            # optimizer spec as the runner reads it
+    spec: str            # the optimizer as the command line writes it
     route: str           # how the product is taken: exact, sub-batch, finite-difference, or "" (none)
+
+    @property
+    def choice(self) -> OptimizerChoice:
+        return parse_optimizer(self.spec)
 
 
 VARIANTS = (Variant("esgd-m", "esgd-m", "exact"), Variant("esgd-m-sub", "esgd-m-sub", "sub-batch"),
@@ -119,54 +121,47 @@ class _Marks:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
+def _schedule(variant: Variant) -> dict[str, int]:
+    """A product every _CYCLE steps after one warm-up step, whichever way the optimizer counts (the
+    per-step work does not depend on the schedule); cycle() lines up on it."""
+    return {"update_d_every": _CYCLE, "d_warmup": 1} if variant.choice.second_order else {}
+
+
 class _Trainer:
-    """One variant's model and optimizer, stepping as ``bench.runner.train`` does (no logging)."""
+    """One variant's model and optimizer, stepping exactly as :func:`bench.train.train` does."""
 
     def __init__(self, task: str, variant: Variant, config: TaskConfig, compiled: bool) -> None:
-        name, overrides = parse_opt_spec(variant.spec)
-        spec = get_optimizer(name)
-        self.variant, self.second_order = variant, spec.second_order
+        choice = variant.choice
+        self.variant, self.second_order = variant, choice.second_order
         torch.manual_seed(config.seed)
         self.problem = tasks.build_task(task, config)
-        if compiled:
-            compile_model(self.problem.model)
-            overrides.update(hvp_overrides(spec, overrides, True))
-        if spec.second_order:
-            # A period of _CYCLE or more steps whichever way the schedule counts; cycle() lines up on it.
-            overrides.update(update_d_every=_CYCLE, d_warmup=1)
         # The cost of a step does not depend on the learning rate; a small one keeps every model finite
         # over the timed steps (a registry lr may diverge on synthetic data, and NaNs would end the run).
-        overrides.setdefault("lr", TIMING_LR)
-        self.opt = create_optimizer(spec, self.problem.model.parameters(), task=task, seed=config.seed,
-                                    **overrides)
-        self.fraction = getattr(self.opt, "hvp_fraction", 1.0)
-        self.plan = ScaledStep.make(self.problem, self.opt, second_order=spec.second_order)
+        extra: dict[str, Any] = {"lr": choice.lr or TIMING_LR}
+        if compiled:
+            self.problem.model.compile()
+            extra.update(compiled_extras(choice))
+        extra.update(_schedule(variant))
+        self.opt = choice.create(self.problem.model.parameters(), task=task, seed=config.seed, **extra)
+        self.route = StepRoute(self.problem, self.opt, choice)
         self.params = sum(p.numel() for p in self.problem.model.parameters())
 
     def is_hvp(self) -> bool:
-        return self.second_order and bool(self.opt.is_hvp_step())
+        return self.route.is_hvp_step()
 
     def step(self, marks: _Marks | None = None) -> bool:
         """One training step; with ``marks``, stamps before, between the regions and after."""
-        problem, opt = self.problem, self.opt
-        batch = next(problem.batches)
+        batch = next(self.problem.batches)
         hvp = self.is_hvp()
         if marks:
             marks.mark()
-        opt.zero_grad(set_to_none=True)
-        if self.plan is not None:
-            loss = self.plan.forward_backward(batch)
-        elif self.second_order:
-            loss = problem.loss(batch)
-            backward_with_hvp(problem, opt, batch, loss, self.fraction)
-        else:
-            loss = problem.loss(batch)
-            loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.route.forward_backward(batch)
         if marks:
             marks.mark()
         if not math.isfinite(loss.item()):
             raise BenchError(f"perf: {self.variant.label} produced a non-finite loss")
-        opt.step() if self.plan is None else self.plan.step()
+        self.route.step()
         if marks:
             marks.mark()
         return hvp
@@ -205,8 +200,7 @@ class _Trainer:
         return next(self.problem.model.parameters()).device
 
     def close(self) -> None:
-        if self.plan is not None:
-            self.plan.close()
+        self.route.close()
 
 
 def _measure(trainers: dict[str, _Trainer], rounds: int, warmup: int,
@@ -225,87 +219,26 @@ def _measure(trainers: dict[str, _Trainer], rounds: int, warmup: int,
     return samples
 
 
-def _median(values: Sequence[float]) -> float:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(values) if values else math.nan
-
-
 def _summarise(samples: dict[str, list[dict[str, float]]], ref: str = "adam") -> dict[str, dict[str, float]]:
     """Medians per variant and medians over rounds of the within-round ratios to ``ref``."""
     out = {}
     for label, rows in samples.items():
-        s = {k: _median([r[k] for r in rows]) for k in ("fb_ms", "update_ms", "plain_ms", "hvp_step_ms")}
+        s = {k: median([r[k] for r in rows]) for k in ("fb_ms", "update_ms", "plain_ms", "hvp_step_ms")}
         per_round = []
         for r in rows:
             hvp = r["hvp_step_ms"]
             per_round.append(r["plain_ms"] if math.isnan(hvp) else ((HVP_EVERY - 1) * r["plain_ms"] + hvp) / HVP_EVERY)
-        s["amortised_ms"] = _median(per_round)
+        s["amortised_ms"] = median(per_round)
         s["hvp_extra_ms"] = s["hvp_step_ms"] - s["plain_ms"]
         s["hvp_grad_evals"] = s["hvp_extra_ms"] / s["fb_ms"]
         s["hvp_step_vs_fb"] = s["hvp_step_ms"] / s["fb_ms"]
         if ref in samples:
             refs = samples[ref]
             ref_amortised = [x["plain_ms"] for x in refs]
-            s["amortised_vs_adam"] = _median([a / b for a, b in zip(per_round, ref_amortised)])
-            s["update_vs_adam"] = _median([a["update_ms"] / b["update_ms"] for a, b in zip(rows, refs)])
-            s["fb_vs_adam"] = _median([a["fb_ms"] / b["fb_ms"] for a, b in zip(rows, refs)])
+            s["amortised_vs_adam"] = median([a / b for a, b in zip(per_round, ref_amortised)])
+            s["update_vs_adam"] = median([a["update_ms"] / b["update_ms"] for a, b in zip(rows, refs)])
+            s["fb_vs_adam"] = median([a["fb_ms"] / b["fb_ms"] for a, b in zip(rows, refs)])
         out[label] = s
-    return out
-
-
-# -- peak memory in fresh processes ------------------------------------------------------------------
-def _rss_kb(field_name: str) -> int:
-    match = re.search(rf"{field_name}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
-    return int(match.group(1)) if match else 0
-
-
-def _memory_probe(task: str, spec: str, config: TaskConfig, steps: int, threads: int) -> dict[str, float]:
-    """In a fresh process: train ``steps`` steps (HVP steps included) and report the peak memory."""
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
-    cuda = torch.device(config.device).type == "cuda"
-    trainer = _Trainer(task, Variant(spec, spec, ""), config, compiled=False)
-    with torch.no_grad():       # load the forward kernels on two rows, so the baseline holds them
-        batch = next(trainer.problem.batches)
-        trainer.problem.loss(sub_batch(batch, 2 / len(batch[0])) if isinstance(batch, (tuple, list)) else batch)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM to the current RSS
-        base = _rss_kb("VmRSS")
-    hvps = sum(trainer.step() for _ in range(steps))
-    leaked = [n for n, p in trainer.problem.model.named_parameters()
-              if p.grad is not None and p.grad.requires_grad]
-    if cuda:
-        peak, base_mb = torch.cuda.max_memory_allocated() / 2**20, base / 2**20
-    else:
-        peak, base_mb = _rss_kb("VmHWM") / 1024, base / 1024
-    return {"peak_mb": peak, "base_mb": base_mb, "extra_mb": peak - base_mb, "hvp_steps": hvps,
-            "graph_left_on_grad": len(leaked)}
-
-
-def _memory(jobs: list[tuple[str, str, str, TaskConfig]], steps: int, threads: int,
-            tick: Callable[[], None] | None) -> dict[tuple[str, str], dict[str, float]]:
-    if not jobs:
-        return {}
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        # torch._dynamo is imported lazily by the first optimizer step (seconds): preload it once.
-        ctx.set_forkserver_preload(["bench.perf", "torch._dynamo"])
-    else:
-        ctx = mp.get_context("spawn")
-    out = {}
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
-        for key, task, spec, config in jobs:
-            try:
-                out[(key, spec)] = pool.submit(_memory_probe, task, spec, config, steps, threads).result()
-            except Exception as err:   # noqa: BLE001 - a dead probe process: one line, timings kept
-                raise BenchError(f"perf: the peak-memory probe of {spec} on {key} failed "
-                                 f"({type(err).__name__}: {err}); the timings are written already") from None
-            if tick:
-                tick()
     return out
 
 
@@ -328,19 +261,11 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
     if config.threads:
         torch.set_num_threads(config.threads)
     threads = torch.get_num_threads()
-    out = Path(config.out) if config.out else \
-        Path("results") / f"perf-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise BenchError(f"cannot write to output folder {out}: {err.strerror or err}") from None
-
-    started, load_start = time.time(), _load()
+    out = check_folder(Path(config.out) if config.out else
+                       Path("results") / f"perf-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    started, load_start = time.time(), load_average()
     rows: list[dict[str, Any]] = []
-    memory_jobs: list[tuple[str, str, str, TaskConfig]] = []
+    memory_jobs: list[tuple[str, str, str, TaskConfig, dict[str, Any]]] = []
     modes = [False, True] if config.compile else [False]
     n_units = len(config.tasks) + (1 if config.widths else 0) + (1 if config.memory else 0)
     unit = 0
@@ -380,7 +305,8 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
             del trainers
             gc.collect()
             if config.memory:
-                memory_jobs += [(task, task, v.spec, tcfg) for v in config.variants if v.label in MEMORY_VARIANTS]
+                memory_jobs += [(task, task, v.spec, tcfg, _schedule(v)) for v in config.variants
+                                if v.label in MEMORY_VARIANTS]
             unit += 1
 
         if config.widths:
@@ -399,7 +325,7 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                                  "threads": threads, "rounds": max(3, (config.rounds or 12) // 4), **s,
                                  "us_per_kparam": s["amortised_ms"] * 1e3 / (t.params / 1e3)})
                     if config.memory and label in ("esgd-m", "adam"):
-                        memory_jobs.append((f"mlp-{w}", "mnist", t.variant.spec, tcfg))
+                        memory_jobs.append((f"mlp-{w}", "mnist", t.variant.spec, tcfg, _schedule(t.variant)))
                 del trainers
                 gc.collect()
             unit += 1
@@ -410,24 +336,24 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
             "command": " ".join(argv) if argv is not None else "run_perf()",
             "started": _dt.datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
             "seconds": round(time.time() - started, 1), "device": device, "threads": threads,
-            "load_average_start": load_start, "load_average_end": _load(),
+            "load_average_start": load_start, "load_average_end": load_average(),
             "config": {**{k: getattr(config, k) for k in ("tasks", "compile", "rounds", "warmup_cycles",
                                                             "batch_size", "memory", "options")},
                        "widths": list(config.widths),
                        "variants": [dataclasses.asdict(v) for v in config.variants]},
             "method": __doc__.split("\n\n", 1)[1].strip(), "hvp_every": HVP_EVERY, "cycle": _CYCLE,
-            "targets": TARGETS, "target_checks": target_checks(table), "environment": _env(device),
+            "targets": TARGETS, "target_checks": target_checks(table), "environment": environment(device),
             "peak_memory": "cuda max_memory_allocated" if device == "cuda" else "cpu VmHWM in a fresh process",
             "data": "synthetic batches of the task's shape (timing does not depend on the values)",
         }
-        store.write_csv_atomic(table, out / "perf.csv")
-        store.write_json_atomic(meta, out / "meta.json")
+        write_csv(table, out / "perf.csv")
+        write_json(meta, out / "meta.json")
         return table
 
     write()      # the timings are kept even if a memory probe fails
     if config.memory:
         say("peak memory (fresh processes)")
-        mem = _memory(memory_jobs, steps=2 * _CYCLE, threads=threads, tick=None)
+        mem = peak_memory(memory_jobs, steps=2 * _CYCLE, threads=threads)
         for row in rows:
             if row["mode"] != "eager":
                 continue
@@ -443,20 +369,8 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
     return out, write()
 
 
-def _load() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _env(device: str) -> dict[str, Any]:
-    from .runner import _environment
-    return _environment(device)
-
-
 def target_checks(table: pd.DataFrame) -> list[dict[str, Any]]:
-    """One row per issue-6 target and task: the measured ratio, the bound and whether it is met."""
+    """One row per performance target and task: the measured ratio, the bound and whether it is met."""
     if table.empty:
         return []
     checks = []
@@ -478,53 +392,3 @@ def target_checks(table: pd.DataFrame) -> list[dict[str, Any]]:
             add(f"peak memory (process), {label}", label, "peak_mem_vs_adam", TARGETS["peak_mem_vs_adam"])
             add(f"peak memory (above start), {label}", label, "peak_extra_vs_adam", TARGETS["peak_mem_vs_adam"])
     return checks
-
-
-# -- rich output -------------------------------------------------------------------------------------
-def _f(x: Any, fmt: str = "{:.2f}") -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
-
-
-def perf_table(table: pd.DataFrame):
-    """Rich tables: one per task/mode section, and the sweep."""
-    from rich.table import Table
-    tables = []
-    tasks_part = table[table["section"] == "task"]
-    for (task, mode), g in tasks_part.groupby(["task", "mode"], sort=False):
-        t = Table(title=f"{task} ({mode}, {int(g['params'].iloc[0]):,} params, batch {int(g['batch_size'].iloc[0])}, "
-                        f"{int(g['threads'].iloc[0])} threads; medians of {int(g['rounds'].iloc[0])} rounds)")
-        for col in ("optimizer", "HVP route", "fwd+bwd ms", "update ms", "update / Adam", "HVP step ms",
-                    "HVP = grad evals", "HVP FLOPs = grad evals", "amortised ms", "amortised / Adam",
-                    "peak mem / Adam", "mem above start / Adam"):
-            t.add_column(col, justify="left" if col in ("optimizer", "HVP route") else "right")
-        for r in g.to_dict("records"):
-            t.add_row(r["optimizer"], r["hvp_route"] or "-", _f(r["fb_ms"], "{:.1f}"),
-                      _f(r["update_ms"], "{:.2f}"), _f(r.get("update_vs_adam")), _f(r["hvp_step_ms"], "{:.1f}"),
-                      _f(r["hvp_grad_evals"]), _f(r.get("hvp_flop_evals")), _f(r["amortised_ms"], "{:.1f}"),
-                      _f(r.get("amortised_vs_adam")),
-                      _f(r.get("peak_mem_vs_adam")), _f(r.get("peak_extra_vs_adam")))
-        tables.append(t)
-    sweep = table[table["section"] == "sweep"]
-    if len(sweep):
-        t = Table(title="parameter sweep: MLP 784-w-w-10 (amortised step; linear growth shows as a flat us/kparam)")
-        for col in ("width", "params", "optimizer", "amortised ms", "amortised / Adam", "us / kparam",
-                    "HVP = grad evals", "peak mem / Adam", "mem above start / Adam"):
-            t.add_column(col, justify="right")
-        for r in sweep.to_dict("records"):
-            t.add_row(r["task"].split("-")[1], f"{int(r['params']):,}", r["optimizer"],
-                      _f(r["amortised_ms"], "{:.1f}"), _f(r.get("amortised_vs_adam")),
-                      _f(r.get("us_per_kparam"), "{:.3f}"), _f(r["hvp_grad_evals"]),
-                      _f(r.get("peak_mem_vs_adam")), _f(r.get("peak_extra_vs_adam")))
-        tables.append(t)
-    return tables
-
-
-def targets_table(checks: list[dict[str, Any]]):
-    from rich.table import Table
-    t = Table(title="issue 6 targets")
-    for col in ("task", "target", "value", "bound", "met"):
-        t.add_column(col, justify="left" if col in ("task", "target") else "right")
-    for c in checks:
-        t.add_row(c["task"], c["target"], _f(c["value"]), f"<= {c['bound']:.2f}",
-                  "[green]yes[/green]" if c["met"] else "[red]no[/red]")
-    return t

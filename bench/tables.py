@@ -1,11 +1,11 @@
-"""The wall-clock table (issue 5): is ESGD-M worth its Hessian-vector products on this task?
+"""The wall-clock table: is ESGD-M worth its Hessian-vector products on this task?
 
-One row per task x optimizer, from the runner's ``summary.csv`` and ``metrics.csv``:
+One row per task x optimizer, from a results folder's summary and metrics:
 
 - ``step_ms``: median over seeds of the summary's ``step_time_ms`` (itself the median non-HVP step);
 - ``hvp_ms``: median over seeds of ``hvp_time_ms``, the extra cost of an HVP step (empty for first order);
 - ``hvp_x_grad``: ``hvp_ms`` over the median ``fwd_bwd_ms`` of the non-HVP steps, i.e. how many gradient
-  evaluations one HVP costs (ESGD, Dauphin et al. 2015, put it at about one);
+  evaluations one HVP costs (ESGD's authors put it at about one);
 - ``amortised_ms``: median over seeds of training wall time / steps, everything included, and its ratio
   to SGD's and Adam's on the same task when those are in the results;
 - time to target: per seed, the training wall time of the first logged step whose eval metric reaches the
@@ -16,11 +16,10 @@ One row per task x optimizer, from the runner's ``summary.csv`` and ``metrics.cs
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -28,41 +27,14 @@ from rich import box
 from rich.console import Group
 from rich.table import Table
 
-__all__ = ["ReportError", "load_results", "add_labels", "wall_clock_table", "format_table", "rich_table",
-           "markdown_table", "render_table", "write_table"]
+from .errors import BenchError
+from .store import as_bool, check_output_file, write_csv, write_text
+
+__all__ = ["add_labels", "wall_clock_table", "format_table", "rich_table", "markdown_table", "render_table",
+           "write_table", "TABLE_SUFFIXES"]
 
 Format = Literal["rich", "markdown", "csv"]
-
-
-class ReportError(ValueError):
-    """Bad input to a report command (missing folder, unreadable results); the message is one line."""
-
-
-def load_results(dirs: Iterable[str | os.PathLike]) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    """``(metrics, summary, metas)`` of one or more result directories written by ``esgd-bench run``."""
-    from .results import load_meta, load_metrics, load_summary
-    dirs = [Path(d) for d in dirs]
-    if not dirs:
-        raise ReportError("no result directory given")
-    for d in dirs:
-        if not d.is_dir():
-            raise ReportError(f"result directory {d} does not exist")
-        for name in ("summary.csv", "metrics.csv"):
-            if not (d / name).is_file():
-                raise ReportError(f"{d} has no {name}; is it a folder written by `esgd-bench run`?")
-    try:
-        metrics, summary = load_metrics(dirs), load_summary(dirs)
-    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
-        raise ReportError(f"cannot read results: {exc}") from None
-    metas = []
-    for d in dirs:
-        try:
-            metas.append(dict(load_meta(d), result_dir=str(d)))
-        except (OSError, ValueError, json.JSONDecodeError):
-            metas.append({"result_dir": str(d)})
-    if summary.empty:
-        raise ReportError(f"no finished runs in {', '.join(map(str, dirs))}")
-    return metrics, summary, metas
+TABLE_SUFFIXES = (".csv", ".md")
 
 
 def add_labels(metrics: pd.DataFrame, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -118,9 +90,7 @@ def _median(series: pd.Series) -> float:
 
 
 def _hvp_flags(frame: pd.DataFrame) -> pd.Series:
-    if "is_hvp_step" not in frame:
-        return pd.Series(False, index=frame.index)
-    return frame["is_hvp_step"].astype(str).str.lower().isin({"true", "1", "1.0"})
+    return as_bool(frame["is_hvp_step"]) if "is_hvp_step" in frame else pd.Series(False, index=frame.index)
 
 
 def wall_clock_table(metrics: pd.DataFrame, summary: pd.DataFrame, *, target: float | None = None,
@@ -244,12 +214,8 @@ def _short_ttt(table: pd.DataFrame) -> list[str]:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    shown = format_table(table)
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731 - a cell may hold a '|'
-    lines = ["| " + " | ".join(HEADERS) + " |",
-             "|" + "|".join(["---"] * 2 + ["---:"] * (len(HEADERS) - 2)) + "|"]
-    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    shown = format_table(table).astype(str).apply(lambda col: col.str.replace("|", "\\|", regex=False))
+    return shown.to_markdown(index=False, colalign=["left"] * 2 + ["right"] * (len(HEADERS) - 2)) + "\n"
 
 
 def render_table(table: pd.DataFrame, fmt: Format):
@@ -260,29 +226,12 @@ def render_table(table: pd.DataFrame, fmt: Format):
         return markdown_table(table)
     if fmt == "csv":
         return table.to_csv(index=False)
-    raise ReportError(f"unknown format {fmt!r}; use rich, markdown or csv")
+    raise BenchError(f"unknown format {fmt!r}; use rich, markdown or csv")
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the table atomically: ``.csv`` numeric, ``.md`` Markdown."""
-    from .results import write_csv_atomic
-    path = Path(path)
-    if path.suffix == ".csv":
-        write_csv_atomic(table, path)
-    elif path.suffix == ".md":
-        _write_text_atomic(path, markdown_table(table))
-    else:
-        raise ReportError(f"cannot write a table to {path}: use .csv or .md")
-    return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    import tempfile
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = check_output_file(path, TABLE_SUFFIXES)
+    if path.suffix.lower() == ".csv":
+        return write_csv(table, path)
+    return write_text(path, markdown_table(table))

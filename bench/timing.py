@@ -1,4 +1,4 @@
-"""Honest step timing and peak memory for the runner (issue 4), in the spirit of airbench's timing code.
+"""Honest step timing and peak memory of a training run, in the spirit of airbench's timing code.
 
 Clock.  Each timed region is bracketed by ``time.perf_counter``; on CUDA the device is synchronised
 before every reading, so a region's time is the work it launched, not the launch alone.  Evaluation,
@@ -50,7 +50,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["Clock", "PeakMemory", "attribute_hvp_cost", "summarise_timings"]
+__all__ = ["Clock", "PeakMemory", "attribute_hvp_cost", "summarise_timings", "median", "mean"]
 
 
 class Clock:
@@ -96,12 +96,14 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # kB on Linux
 
 
-def _median(values: Sequence[float]) -> float:
+def median(values: Sequence[float]) -> float:
+    """The median of the finite values (NaN when there is none)."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(values) if values else math.nan
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean(values: Sequence[float]) -> float:
+    """The mean of the finite values (NaN when there is none)."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.fmean(values) if values else math.nan
 
@@ -117,8 +119,8 @@ def attribute_hvp_cost(rows: list[dict[str, Any]]) -> None:
     Expects ``fwd_bwd_ms`` and ``update_ms`` to hold the raw measured times of every step.
     """
     plain = _plain(rows)
-    ref_fb = _median([r["fwd_bwd_ms"] for r in plain])
-    ref_up = _median([r["update_ms"] for r in plain])
+    ref_fb = median([r["fwd_bwd_ms"] for r in plain])
+    ref_up = median([r["update_ms"] for r in plain])
     for r in rows:
         if not r["is_hvp_step"]:
             r["hvp_ms"] = 0.0
@@ -135,10 +137,10 @@ def summarise_timings(rows: Sequence[dict[str, Any]]) -> dict[str, float | int]:
     hvp = [r for r in rows if r["is_hvp_step"]]
     later = [r for r in rows if r["step"] > 1 and math.isfinite(r["update_ms"])]
     return {
-        "step_time_ms": _median([r["step_ms"] for r in plain]),
-        "fwd_bwd_time_ms": _median([r["fwd_bwd_ms"] for r in plain]),
-        "update_time_ms": _median([r["update_ms"] for r in plain]),
-        "hvp_time_ms": _median([r["hvp_ms"] for r in hvp if r["step"] > 1]),
-        "mean_step_ms": _mean([r["step_ms"] for r in later]),
+        "step_time_ms": median([r["step_ms"] for r in plain]),
+        "fwd_bwd_time_ms": median([r["fwd_bwd_ms"] for r in plain]),
+        "update_time_ms": median([r["update_ms"] for r in plain]),
+        "hvp_time_ms": median([r["hvp_ms"] for r in hvp if r["step"] > 1]),
+        "mean_step_ms": mean([r["step_ms"] for r in later]),
         "hvp_steps": len(hvp),
     }

@@ -3,7 +3,7 @@
 Every module in this package that defines ``TASK`` (a :class:`~tasks.base.TaskSpec`) or ``TASKS`` (a list
 of them) is registered.  Scaled variants of every task (``<task>-loss-x<n>``, ``<task>-params-x<n>``) are
 built on demand by :mod:`tasks.scaled`, for any factor ``n``.  Installed packages add tasks through the
-``esgd_bench.tasks`` entry point group (see :mod:`bench.plugins`).
+``esgd_bench.tasks`` entry point group (:mod:`tasks.plugins`).
 """
 
 from __future__ import annotations
@@ -13,25 +13,19 @@ import fnmatch
 import importlib
 import pkgutil
 
-from .base import Problem, TaskConfig, TaskDataError, TaskOptionError, TaskSpec
+from .base import Problem, TaskConfig, TaskDataError, TaskOptionError, TaskSpec, UnknownTaskError
 
 __all__ = ["Problem", "TaskConfig", "TaskDataError", "TaskOptionError", "TaskSpec", "UnknownTaskError",
-           "get_task", "list_tasks", "build_task"]
+           "get_task", "list_tasks", "build_task", "task_source", "reset"]
 
-_SKIP = {"base", "scaled", "data"}
-
-
-class UnknownTaskError(LookupError):
-    """A task name that is not in the registry."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+_NOT_TASKS = {"base", "scaled", "data", "plugins"}
+BUILT_IN = "built-in"
 
 
 def _discover() -> dict[str, TaskSpec]:
     found: dict[str, TaskSpec] = {}
     for info in pkgutil.iter_modules(__path__):
-        if info.name in _SKIP or info.name.startswith("_"):
+        if info.name in _NOT_TASKS or info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         specs = list(getattr(module, "TASKS", [])) + ([module.TASK] if hasattr(module, "TASK") else [])
@@ -43,16 +37,33 @@ def _discover() -> dict[str, TaskSpec]:
 
 
 _BASE: dict[str, TaskSpec] | None = None
+_SOURCES: dict[str, str] = {}
 
 
 def _base_tasks() -> dict[str, TaskSpec]:
     global _BASE
     if _BASE is None:
-        from bench import plugins     # third-party tasks: the esgd_bench.tasks entry points
+        from .plugins import load_task_plugins
         found = _discover()
-        found.update(plugins.load_task_plugins(found))
+        _SOURCES.clear()
+        for name, (spec, origin) in load_task_plugins(found).items():
+            found[name] = spec
+            _SOURCES[name] = origin
         _BASE = found
     return _BASE
+
+
+def reset() -> None:
+    """Forget the discovered tasks and plugins; the next lookup reads task files and entry points anew."""
+    global _BASE
+    _BASE = None
+    _SOURCES.clear()
+
+
+def task_source(name: str) -> str:
+    """``built-in``, or the plugin distribution and object that registered ``name``."""
+    _base_tasks()
+    return _SOURCES.get(name, BUILT_IN)
 
 
 def get_task(name: str) -> TaskSpec:

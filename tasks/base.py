@@ -15,7 +15,15 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-__all__ = ["TaskSpec", "TaskConfig", "Problem", "TaskDataError", "TaskOptionError", "resolve_options"]
+__all__ = ["TaskSpec", "TaskConfig", "Problem", "TaskDataError", "TaskOptionError", "UnknownTaskError",
+           "resolve_options"]
+
+
+class UnknownTaskError(LookupError):
+    """A task name that is not in the registry."""
+
+    def __str__(self) -> str:      # LookupError would quote the message
+        return str(self.args[0])
 
 
 class TaskDataError(RuntimeError):
@@ -26,9 +34,11 @@ class TaskOptionError(ValueError):
     """A task option that the task does not have, or a value of the wrong kind."""
 
 
-def resolve_options(task: str, defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_options(task: str, defaults: Mapping[str, Any], given: Mapping[str, Any],
+                    at_least: Mapping[str, float] | None = None) -> dict[str, Any]:
     """``defaults`` updated with ``given``; values are coerced to the default's type (the CLI passes
-    strings), and an unknown name is an error rather than a silently ignored typo."""
+    strings), an unknown name is an error rather than a silently ignored typo, and a number below its
+    ``at_least`` bound (``eval_size=-5``) is an error rather than a run that measures nothing."""
     out = dict(defaults)
     for key, value in given.items():
         if key not in defaults:
@@ -51,6 +61,9 @@ def resolve_options(task: str, defaults: Mapping[str, Any], given: Mapping[str, 
         except (TypeError, ValueError):
             raise TaskOptionError(f"task {task!r}: option {key}={value!r} is not a valid "
                                   f"{kind.__name__}") from None
+    for key, low in (at_least or {}).items():
+        if not out[key] >= low:
+            raise TaskOptionError(f"task {task!r}: option {key}={out[key]!r} must be >= {low:g}")
     return out
 
 

@@ -71,7 +71,7 @@ def make_model(arch: str) -> nn.Module:
 
 
 def build(config: TaskConfig) -> Problem:
-    opt = resolve_options("cifar", OPTIONS, config.options)
+    opt = resolve_options("cifar", OPTIONS, config.options, at_least={"eval_size": 0})
     ds = (data.synthetic_images((3, 32, 32), 10, 2048, 512, config.seed, data.CIFAR_STATS, "CIFAR")
           if config.synthetic else data.load_cifar10(config)).to(config.device)
     model = data.seeded_init(config.seed, lambda: make_model(opt["arch"]), config.device)

@@ -179,10 +179,17 @@ def augment_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> to
 def batch_stream(data: ImageData, batch_size: int, seed: int,
                  augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless normalised ``(x, y)`` training batches: a fresh permutation per epoch, last partial batch
-    dropped, all randomness from one generator seeded with ``seed``."""
+    dropped, all randomness from one generator seeded with ``seed``.  A batch size the data cannot fill
+    raises ``ValueError`` here, when the task is built, not at the first batch."""
     n = len(data.y_train)
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch size must be between 1 and the {n:,} training examples, got {batch_size}")
+    return _batches(data, batch_size, seed, augment)
+
+
+def _batches(data: ImageData, batch_size: int, seed: int,
+             augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    n = len(data.y_train)
     gen = torch.Generator().manual_seed(seed)
     device = data.x_train.device
     while True:

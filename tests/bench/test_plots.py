@@ -1,12 +1,28 @@
-"""Loss and eval curves are written, non-empty, in every format; bad requests fail with one clear error."""
+"""Loss and eval curves are written, non-empty, in every format; bad requests, and output paths the
+system cannot take, fail with one clear error that names the path the user gave."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import re
+from pathlib import Path
 
+import matplotlib.pyplot as plt
+import pytest
+from typer.testing import CliRunner
+
+from bench.errors import BenchError, ResultsError
 from bench.plots import FORMATS, curve_frame, plot_curves, plot_results, save_figure
-from bench.tables import ReportError, add_labels
-from tests.bench.fake_results import frames, write_results
+from bench.tables import add_labels
+from cli import app
+from tests.bench.fake_results import frames, one_error, snapshot, write_results
+
+runner = CliRunner()
+
+# What a file of each format starts with (or holds near its start).
+MAGIC = {".png": lambda data: data.startswith(b"\x89PNG\r\n\x1a\n"),
+         ".svg": lambda data: b"<svg" in data[:2000],
+         ".pdf": lambda data: data.startswith(b"%PDF-")}
 
 
 @pytest.mark.parametrize("x", ["step", "time"])
@@ -17,8 +33,17 @@ def test_plot_written_and_non_empty(tmp_path, x, metric, suffix):
     out = plot_results([d], tmp_path / f"curves{suffix}", x=x, metric=metric, log_y=metric == "loss")
     data = out.read_bytes()
     assert len(data) > 5000
-    assert data.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in data[:2000]
-    assert not list(tmp_path.glob(".*.tmp"))   # the atomic save left no temp file behind
+    assert MAGIC[suffix](data)
+    assert sorted(os.listdir(tmp_path)) == [f"curves{suffix}", "r"]     # no temporary file left behind
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_every_format_listed_is_written_in_that_format(tmp_path, suffix):
+    assert suffix in MAGIC, f"no check for {suffix}"
+    upper = tmp_path / f"c{suffix.upper()}"              # the suffix is read case-insensitively
+    for path in (tmp_path / f"c{suffix}", upper):
+        out = save_figure(plot_curves(*frames()), path)
+        assert out == path and MAGIC[suffix](path.read_bytes()) and path.stat().st_size > 5000
 
 
 def test_pdf_and_legend_and_synthetic_title(tmp_path):
@@ -32,8 +57,10 @@ def test_pdf_and_legend_and_synthetic_title(tmp_path):
     assert "SYNTHETIC DATA" in fig._suptitle.get_text()
     out = save_figure(fig, tmp_path / "c.pdf")
     assert out.read_bytes().startswith(b"%PDF")
+    assert not plt.fignum_exists(fig.number)            # save_figure closes the figure
     fig = plot_curves(*frames(synthetic=False))
     assert "SYNTHETIC" not in fig._suptitle.get_text()
+    plt.close(fig)
 
 
 def test_curve_frame_means_over_seeds_and_marks_hvp_steps():
@@ -49,17 +76,44 @@ def test_curve_frame_means_over_seeds_and_marks_hvp_steps():
     assert sorted(set(ev.index.get_level_values("step"))) == [2, 4]
 
 
-@pytest.mark.parametrize("bad", ["c.jpg", "c", "missing/c.png"])
-def test_bad_output_paths(tmp_path, bad):
+@pytest.mark.parametrize("bad, why", [("c.jpg", "unsupported file type '.jpg'"),
+                                      ("c", "unsupported file type '(none)'"),
+                                      ("missing/c.png", "does not exist")])
+def test_bad_output_paths(tmp_path, bad, why):
     d = write_results(tmp_path / "r")
-    with pytest.raises(ValueError):
+    with pytest.raises(BenchError, match=re.escape(why)):
         plot_results([d], tmp_path / bad)
+    assert sorted(os.listdir(tmp_path)) == ["r"]
 
 
 def test_missing_dir(tmp_path):
-    with pytest.raises(ReportError):
+    with pytest.raises(ResultsError, match="does not exist"):
         plot_results([tmp_path / "none"], tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
 
 
-def test_formats_listed():
-    assert set(FORMATS) == {".png", ".svg", ".pdf"}
+# Output paths the system refuses, each as the user would type it.
+OUT_PATHS = {
+    "name over 255 bytes": lambda tmp: tmp / ("a" * 300 + ".png"),
+    "multibyte name over 255 bytes": lambda tmp: tmp / ("é" * 130 + ".png"),       # 260 bytes, 130 chars
+    "path over 4096 bytes": lambda tmp: tmp.joinpath(*["d" * 200] * 22, "x.png"),
+    "path over 4096 bytes through an existing folder": lambda tmp: Path(f"{tmp}/{'d/../' * 900}x.png"),
+    "missing folder under /proc": lambda tmp: Path("/proc/nonexistent-dir/x.png"),
+    "/proc itself": lambda tmp: Path("/proc/x.png"),
+}
+
+
+@pytest.mark.parametrize("command", ["plot", "table"])
+@pytest.mark.parametrize("case", list(OUT_PATHS))
+def test_unwritable_out_path_is_one_error_showing_it(tmp_path, command, case):
+    d = write_results(tmp_path / "r")
+    (tmp_path / "d").mkdir()
+    out = OUT_PATHS[case](tmp_path)
+    if command == "table":
+        out = out.with_suffix(".csv")
+    assert len(os.fsencode(out.name)) > 255 or len(os.fsencode(str(out))) > 4096 or str(out).startswith("/proc")
+    before = snapshot(tmp_path)
+    message = one_error(runner.invoke(app, [command, str(d), "--out", str(out)]))
+    assert str(out) in message                            # the path as given ...
+    assert ".tmp" not in message and ".part" not in message and ".write-test" not in message   # ... not a temp
+    assert snapshot(tmp_path) == before

@@ -1,4 +1,6 @@
-"""User optimizers (``--opt package.module:ClassName``) and entry-point plugins (issue 7), via the CLI.
+"""User optimizers (``--opt package.module:ClassName``) and entry-point plugins, via the CLI: parsing,
+second-order detection (the ``second_order`` flag, timm's ``is_second_order`` property, a callable
+``should_create_graph``), classes that fail in the ways a user's class can, and broken plugins.
 
 The plugin tests write a tiny distribution (a package plus ``<name>.dist-info`` with ``entry_points.txt``)
 into a temp dir on ``sys.path``, where ``importlib.metadata`` finds it exactly as it finds an installed one.
@@ -16,14 +18,17 @@ from typer.testing import CliRunner
 
 import tasks
 from bench import plugins
-from bench.optimizers import OptimizerSpecError, get_optimizer, list_optimizers, parse_opt_spec
+from bench.errors import OptimizerSpecError
+from bench.optimizers import get_optimizer, list_optimizers, parse_optimizer
 from cli import app
+from tasks.plugins import PluginWarning
 
 runner = CliRunner(env={"COLUMNS": "250"})
 STEPS = 20
 
-# The fake plugin: a first-order optimizer, a second-order one (needs backward(create_graph=True)), a
-# task, and classes that fail in the ways a user's class can.
+# The fake plugin: a first-order optimizer, second-order ones (they need backward(create_graph=True)),
+# one of them marked the way timm marks its own, a task, and classes that fail in the ways a user's
+# class can.
 FAKE_MODULE = '''
 import itertools
 import torch
@@ -67,6 +72,35 @@ class CurvatureSGD(torch.optim.Optimizer):
 
 class FlaggedFirstOrder(CurvatureSGD):
     second_order = False
+
+
+class TimmCurvature(torch.optim.Optimizer):
+    """Curvature-scaled step marked as timm marks AdaHessian: a read-only is_second_order property."""
+
+    def __init__(self, params, lr=0.01):
+        super().__init__(params, dict(lr=lr))
+
+    @property
+    def is_second_order(self):
+        return True
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        # differentiates p.grad again, as timm's AdaHessian does: needs backward(create_graph=True)
+        hvs = torch.autograd.grad(grads, params, grad_outputs=[g.detach() for g in grads])
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p, hv in zip(params, hvs):
+                    p.sub_(group["lr"] * p.grad / (1 + hv.abs()))
+        for p in params:
+            p.grad = p.grad.detach()
+
+
+class Quitter(SignSGD):
+    def __init__(self, params, lr=0.01):
+        import sys
+        sys.exit(7)
 
 
 class NoDefaultLR(SignSGD):
@@ -132,6 +166,7 @@ def fake_plugin(tmp_path, monkeypatch):
     _write_dist(tmp_path, "fakeplug_good", FAKE_MODULE, """
         [esgd_bench.optimizers]
         signsgd = fakeplug_good:SignSGD
+        timmcurv = fakeplug_good:TimmCurvature
 
         [esgd_bench.tasks]
         fake-bowl = fakeplug_good:TASK
@@ -169,11 +204,13 @@ def test_torch_rmsprop_by_class_path(tmp_path):
 
 
 def test_class_path_parses_and_round_trips():
-    assert parse_opt_spec(" torch.optim:RMSprop:lr=1e-3,alpha=0.9 ") == \
-        ("torch.optim:RMSprop", {"lr": 1e-3, "alpha": 0.9})
-    assert parse_opt_spec("torch.optim:RMSprop:alpha=0.9,lr=0.001") == parse_opt_spec("torch.optim:RMSprop:"
-                                                                                        "lr=1e-3,alpha=0.9")
-    assert parse_opt_spec("adam:lr=0.1") == ("adam", {"lr": 0.1})     # registered names are not imports
+    choice = parse_optimizer(" torch.optim:RMSprop:lr=1e-3,alpha=0.9 ")
+    assert (choice.name, dict(choice.given)) == ("torch.optim:RMSprop", {"lr": 1e-3, "alpha": 0.9})
+    assert choice.label == "torch.optim:RMSprop:alpha=0.9,lr=0.001"
+    assert parse_optimizer("torch.optim:RMSprop:alpha=0.9,lr=0.001") == choice
+    assert parse_optimizer(choice.label) == choice
+    adam = parse_optimizer("adam:lr=0.1")                               # registered names are not imports
+    assert (adam.name, dict(adam.given)) == ("adam", {"lr": 0.1})
     spec = get_optimizer("torch.optim:SGD")
     assert spec.name not in [s.name for s in list_optimizers()]       # ad hoc, never listed
 
@@ -189,9 +226,33 @@ def test_second_order_detection(fake_plugin, tmp_path):
     assert _decreased(metrics, "fakeplug_good:CurvatureSGD:lr=0.001")
 
 
+def test_timm_style_second_order_class(fake_plugin, tmp_path):
+    """timm marks its second-order optimizers with a read-only ``is_second_order`` property (and has no
+    should_create_graph); such a class, whose step() differentiates p.grad again, trains ok both as
+    ``--opt module:Class`` and as a plugin entry."""
+    import fakeplug_good
+    cls = fakeplug_good.TimmCurvature
+    assert not hasattr(cls, "should_create_graph") and isinstance(vars(cls)["is_second_order"], property)
+    assert plugins.is_second_order(cls)
+    assert not plugins.is_second_order(fakeplug_good.SignSGD)
+    assert plugins.is_second_order(fakeplug_good.CurvatureSGD)
+    assert not plugins.is_second_order(fakeplug_good.FlaggedFirstOrder)
+    assert get_optimizer("fakeplug_good:TimmCurvature").second_order
+    assert parse_optimizer("fakeplug_good:TimmCurvature:lr=1e-3").second_order
+    assert get_optimizer("timmcurv").second_order                          # the plugin entry
+    summary, metrics = _run(tmp_path, "rosenbrock", "fakeplug_good:TimmCurvature:lr=1e-3", "timmcurv:lr=1e-3")
+    assert summary["optimizer"].tolist() == ["fakeplug_good:TimmCurvature:lr=0.001", "timmcurv:lr=0.001"]
+    for row in summary.to_dict("records"):
+        # not an error from autograd ("does not require grad"): the loop built the gradient's graph
+        assert row["status"] == "ok" and row["hvp_steps"] == STEPS, row
+        assert not isinstance(row["error"], str) or not row["error"], row
+    assert _decreased(metrics, "fakeplug_good:TimmCurvature:lr=0.001") and _decreased(metrics, "timmcurv:lr=0.001")
+
+
 @pytest.mark.parametrize("spec, fragment", [
     ("nosuch_pkg_zz.optim:Fancy", "no module named 'nosuch_pkg_zz'"),
     ("fakeplug_broken:Opt", "importing fakeplug_broken failed: ModuleNotFoundError"),
+    ("fakeplug_exits:Opt", "importing fakeplug_exits failed: SystemExit: 7"),
     ("fakeplug_good:Nope", "fakeplug_good has no attribute 'Nope'"),
     ("torch.optim:RMSProp", "Did you mean 'RMSprop'?"),
     ("torch.optim.lr_scheduler:StepLR", "not a torch.optim.Optimizer subclass"),
@@ -201,11 +262,13 @@ def test_second_order_detection(fake_plugin, tmp_path):
     ("torch.optim:RMSprop:lrr=1", "Did you mean 'lr'?"),
     ("torch.optim:RMSprop:alpha=high", "bad value for alpha"),
     ("fakeplug_good:Picky:width=2", "RuntimeError: width must be 1"),
+    ("fakeplug_good:Quitter", "SystemExit: 7"),
     ("fakeplug_good:NoDefaultLR", "no default learning rate"),
     ("torch.optim:RMSprop:lr", "expected name:key=value"),
 ])
 def test_bad_class_paths_one_line_exit_2(fake_plugin, tmp_path, spec, fragment):
     (fake_plugin / "fakeplug_broken.py").write_text("import nosuch_dependency_zz\n")
+    (fake_plugin / "fakeplug_exits.py").write_text("import sys\nsys.exit(7)\n")
     out = tmp_path / "o"
     res = invoke("run", "rosenbrock", "--opt", spec, "--steps", 2, "--seeds", 1, "--out", out)
     lines = res.stderr.strip().splitlines()
@@ -213,7 +276,19 @@ def test_bad_class_paths_one_line_exit_2(fake_plugin, tmp_path, spec, fragment):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], res.stderr
     assert "Traceback" not in res.output and not (out / "summary.csv").exists()
     with pytest.raises(OptimizerSpecError):
-        parse_opt_spec(spec)
+        parse_optimizer(spec)
+
+
+def test_class_whose_constructor_calls_sys_exit(fake_plugin, tmp_path):
+    """A user class whose __init__ calls sys.exit(7) is refused while the choice is checked: one
+    ``error:`` line and exit code 2, not the class's 7, and nothing trained or written."""
+    out = tmp_path / "o"
+    res = invoke("run", "rosenbrock", "--opt", "fakeplug_good:Quitter", "--opt", "adam", "--steps", 2,
+                 "--seeds", 1, "--out", out)
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "fakeplug_good:Quitter" in lines[0], res.stderr
+    assert "Traceback" not in res.output and not out.exists()
 
 
 def test_class_without_default_lr_runs_with_one(fake_plugin, tmp_path):
@@ -226,7 +301,9 @@ def test_fake_plugin_distribution_listed_and_run(fake_plugin, tmp_path):
     listed = invoke("optimizers")
     assert listed.exit_code == 0, listed.output
     row = next(line for line in listed.stdout.splitlines() if "signsgd" in line)
-    assert "fakeplug-good" in row and "Sign descent" in row
+    assert "fakeplug-good" in row and "Sign descent" in row and "fakeplug_good.SignSGD" in row
+    row = next(line for line in listed.stdout.splitlines() if "timmcurv" in line)
+    assert "fakeplug_good.TimmCurvature" in row and "second" in row
     assert "built-in" in next(line for line in listed.stdout.splitlines() if " adam " in line)
     shown = invoke("tasks", "fake*")
     assert shown.exit_code == 0 and "fake-bowl" in shown.stdout and "fakeplug-good" in shown.stdout
@@ -261,7 +338,7 @@ def test_broken_plugins_are_skipped_with_one_warning_line_each(fake_plugin, tmp_
         badtask = fakeplug_bad:NOT_AN_OPTIMIZER
         """)
     monkeypatch.syspath_prepend(str(other))
-    with pytest.warns(plugins.PluginWarning) as caught:
+    with pytest.warns(PluginWarning) as caught:
         names = [s.name for s in list_optimizers()]
         task_names = [t.name for t in tasks.list_tasks()]
     assert {"adam", "sgd", "signsgd"} <= set(names) and "fake-bowl" in task_names

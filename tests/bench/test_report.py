@@ -1,19 +1,29 @@
-"""The Markdown report holds the tables, links images that exist, and shows the environment; the CLI
-commands plot/table/report work on result folders and fail with one line and exit 2 on bad input."""
+"""The Markdown report holds the tables, links images that exist, and shows the environment; the
+``plot``, ``table`` and ``report`` commands work on results folders, and a bad input (a bad option, a
+missing, torn or foreign file) ends them with one ``error:`` line and exit code 2, touching nothing."""
 
 from __future__ import annotations
 
+import io
 import re
+from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from bench.errors import BenchError, ResultsError
 from bench.report import build_report
-from bench.tables import ReportError, markdown_table, wall_clock_table
+from bench.tables import markdown_table, wall_clock_table
 from cli import app
-from tests.bench.fake_results import frames, write_results
+from tests.bench.fake_results import (frames, markdown_tables, one_error, run_copy, run_folder,  # noqa: F401
+                                      snapshot, tear_summary, warning_lines, write_results)
 
 runner = CliRunner()
+
+
+def _rows(text: str) -> list[list[str]]:
+    return [row for table in markdown_tables(text) for row in table]
 
 
 def test_report_page(tmp_path):
@@ -26,17 +36,26 @@ def test_report_page(tmp_path):
     for link in links:
         assert (page.parent / link).stat().st_size > 5000
     assert "SYNTHETIC DATA" in text
-    assert "| command | esgd-bench run rosenbrock (hand-built test data) |" in text   # meta.json
-    assert "| sgd | 2 | diverged |" in text                                          # the failed run
+    rows = _rows(text)
+    assert ["command", "esgd-bench run rosenbrock (hand-built test data)"] in rows      # meta.json
+    assert ["rosenbrock", "sgd", "2", "diverged", "1"] in rows                          # the failed run
     assert "<summary>full resolved config</summary>" in text
 
 
+def test_report_escapes_a_pipe_in_the_environment(tmp_path):
+    d = write_results(tmp_path / "r")
+    meta = (d / "meta.json").read_text().replace("hand-built test data", "a|b")
+    (d / "meta.json").write_text(meta)
+    rows = _rows(build_report([d], tmp_path / "rep").read_text())
+    assert ["command", "esgd-bench run rosenbrock (a\\|b)"] in rows
+
+
 def test_report_errors(tmp_path):
-    with pytest.raises(ReportError, match="does not exist"):
+    with pytest.raises(ResultsError, match="does not exist"):
         build_report([tmp_path / "missing"], tmp_path / "rep")
     d = write_results(tmp_path / "r")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ReportError, match="cannot create report folder"):
+    with pytest.raises(BenchError, match=re.escape(f"cannot write to report folder {tmp_path / 'file' / 'rep'}")):
         build_report([d], tmp_path / "file" / "rep")
 
 
@@ -51,7 +70,8 @@ def test_cli_report_plot_table(tmp_path):
     res = runner.invoke(app, ["plot", str(d), "--log-y"])
     assert res.exit_code == 0 and (d / "loss_vs_step.png").is_file()
     res = runner.invoke(app, ["table", str(d), "--format", "markdown", "--out", str(tmp_path / "t.csv")])
-    assert res.exit_code == 0 and "| esgd-m | 2/2 |" in res.output and (tmp_path / "t.csv").is_file()
+    assert res.exit_code == 0 and (tmp_path / "t.csv").is_file()
+    assert ["rosenbrock", "esgd-m", "2/2"] == _rows(res.stdout)[4][:3]
     res = runner.invoke(app, ["table", str(d), "--format", "csv", "--target-loss", "1"])
     assert res.exit_code == 0 and "loss <= 1" in res.output
     res = runner.invoke(app, ["table", str(d)], terminal_width=100)
@@ -66,9 +86,76 @@ def test_cli_report_plot_table(tmp_path):
 ])
 def test_cli_bad_input_one_line_exit_2(tmp_path, args):
     d = write_results(tmp_path / "r")
-    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    before = snapshot(d)
     args = [a.format(d=d, missing=tmp_path / "missing") for a in args]
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    assert res.output.startswith("error: ") and res.output.count("\n") == 1 and "Traceback" not in res.output
-    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name in before} == before   # nothing lost
+    one_error(runner.invoke(app, args))
+    assert snapshot(d) == before   # nothing lost, nothing added
+
+
+def _command(name: str, d: Path, tmp_path: Path) -> list[str]:
+    """``name`` on folder ``d``, writing its output outside ``d``."""
+    return {"table": ["table", str(d)], "plot": ["plot", str(d), "--out", str(tmp_path / "p.png")],
+            "report": ["report", str(d), "--out", str(tmp_path / "rep")]}[name]
+
+
+@pytest.mark.parametrize("command", ["table", "plot", "report"])
+def test_torn_summary_without_cells_is_one_error_naming_it(tmp_path, command):
+    """A hand-built folder whose summary.csv lost the end of its last row: refused, naming the file."""
+    d = write_results(tmp_path / "r")
+    path = tear_summary(d)
+    before = snapshot(d)
+    message = one_error(runner.invoke(app, _command(command, d, tmp_path)))
+    assert message.startswith(f"{path} is damaged: line 8")
+    assert snapshot(d) == before
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("command", ["table", "plot", "report"])
+@pytest.mark.parametrize("damage", ["torn", "deleted"])
+def test_damaged_summary_with_cells_warns_and_counts_every_run(run_copy, tmp_path, command, damage):
+    """A run folder's cell files are the truth: a torn or missing summary.csv is one warning line, and
+    both runs still count as ok."""
+    path = run_copy / "summary.csv"
+    if damage == "torn":
+        text = path.read_text().rstrip("\n")
+        path.write_text(text[:len(text) - len(text.rsplit("\n", 1)[1]) // 2])
+    else:
+        path.unlink()
+    res = runner.invoke(app, _command(command, run_copy, tmp_path)
+                        + (["--format", "csv"] if command == "table" else []))
+    assert res.exit_code == 0, res.output
+    warnings = warning_lines(res)
+    assert len(warnings) == 1 and str(path) in warnings[0] and res.stderr == warnings[0] + "\n"
+    if command == "table":
+        t = pd.read_csv(io.StringIO(res.stdout))
+        assert (t["runs"].tolist(), t["runs_ok"].tolist()) == ([2], [2])
+    elif command == "plot":
+        assert (tmp_path / "p.png").stat().st_size > 5000
+    else:
+        text = (tmp_path / "rep" / "report.md").read_text()
+        assert ["rosenbrock", "adam", "2/2"] == [r for r in _rows(text) if r[:2] == ["rosenbrock", "adam"]][0][:3]
+        assert "did not finish cleanly" not in text
+
+
+@pytest.mark.parametrize("command", ["table", "plot", "report"])
+@pytest.mark.parametrize("name, text", [
+    ("meta.json", "[1, 2]"), ("meta.json", '"a string"'), ("summary.csv", "a,b\n1,2\n"),
+    ("metrics.csv", "a,b\n1,2\n"),
+])
+def test_foreign_file_is_one_error_naming_it(tmp_path, command, name, text):
+    """Valid JSON that is not an object, a CSV with someone else's columns: one line naming the file."""
+    d = write_results(tmp_path / "r")
+    (d / name).write_text(text)
+    before = snapshot(d)
+    message = one_error(runner.invoke(app, _command(command, d, tmp_path)))
+    assert str(d / name) in message
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("command", ["table", "plot", "report"])
+def test_non_object_meta_of_run_folder_is_one_error_naming_it(run_copy, tmp_path, command):
+    (run_copy / "meta.json").write_text("[1, 2]")
+    before = snapshot(run_copy)
+    message = one_error(runner.invoke(app, _command(command, run_copy, tmp_path)))
+    assert str(run_copy / "meta.json") in message
+    assert snapshot(run_copy) == before

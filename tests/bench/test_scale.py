@@ -1,7 +1,10 @@
-"""The scale-invariance study on a tiny setting: CSVs and plot written, one lr per optimizer, verdicts."""
+"""The scale-invariance study on a tiny setting: an ordinary grid of scaled tasks, one lr per optimizer,
+the post-processing of its results folder (tail losses, spreads, verdicts), the files it writes, and
+the command line."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -9,25 +12,37 @@ import pytest
 from typer.testing import CliRunner
 
 from bench import scale as study
+from bench.errors import BenchError
+from bench.grid import plan_cells, run_benchmark
 from bench.optimizers import default_lr, get_optimizer, list_optimizers
+from bench.readers import load_results
 from cli import app
 
 runner = CliRunner()
 FACTORS = [0.1, 1.0, 10.0]
 
 
+def _study(task: str, kind: str, out, **settings) -> pd.DataFrame:
+    config = study.scale_config(task, kind, FACTORS, {**settings, "out": out, "device": "cpu"})
+    result = run_benchmark(config)
+    return study.scale_runs(load_results([result.out]))
+
+
 @pytest.fixture(scope="module")
-def quadratic_runs() -> dict[str, pd.DataFrame]:
-    return {kind: study.run_scale_study("quadratic", kind, factors=FACTORS, optimizers=["esgd-m", "sgd"],
-                                        steps=25, seeds=1) for kind in ("loss", "params")}
+def quadratic_runs(tmp_path_factory) -> dict[str, pd.DataFrame]:
+    root = tmp_path_factory.mktemp("scale")
+    return {kind: _study("quadratic", kind, root / kind, optimizers=["esgd-m", "sgd"], steps=25, seeds=1)
+            for kind in ("loss", "params")}
 
 
 @pytest.mark.parametrize("kind", ["loss", "params"])
 def test_esgd_m_flat_and_sgd_not(quadratic_runs, kind):
-    """The seed's claim on the quadratic: ESGD-M follows the same trajectory at every scale, SGD does not."""
+    """The claim of ESGD-M's description on the quadratic: ESGD-M follows the same trajectory at every scale, SGD does not."""
     runs = quadratic_runs[kind]
     assert len(runs) == 2 * len(FACTORS) and set(runs["factor"]) == set(FACTORS)
     assert set(runs["scaled_task"]) == {f"quadratic-{kind}-x{f}" for f in ("0.1", "1", "10")}
+    assert set(runs["task"]) == {"quadratic"} and set(runs["kind"]) == {kind}
+    assert (runs.loc[runs["optimizer"] == "esgd-m", "steps"] == 25).all()
     for opt in ("esgd-m", "sgd"):   # one fixed lr per optimizer, the registry's for the task
         assert set(runs.loc[runs["optimizer"] == opt, "lr"]) == {default_lr(get_optimizer(opt), "quadratic")}
     v = study.verdicts(study.summarise_scale(runs)).set_index("optimizer")
@@ -36,11 +51,11 @@ def test_esgd_m_flat_and_sgd_not(quadratic_runs, kind):
 
 
 def test_final_loss_is_the_mean_of_the_last_tenth_of_steps():
-    rows = [{"loss": float(i)} for i in range(1, 21)]          # 20 steps: the last 2 count
-    assert study.tail_loss(rows) == pytest.approx(19.5)
-    assert study.tail_loss(rows[:3]) == 3.0                    # at least the last step
+    losses = [float(i) for i in range(1, 21)]                  # 20 steps: the last 2 count
+    assert study.tail_loss(losses) == pytest.approx(19.5)
+    assert study.tail_loss(losses[:3]) == 3.0                  # at least the last step
     assert math.isnan(study.tail_loss([]))
-    assert math.isnan(study.tail_loss([{"loss": 1.0}, {"loss": math.nan}]))   # ended in NaN: no final loss
+    assert math.isnan(study.tail_loss([1.0, math.nan]))        # ended in NaN: no final loss
 
 
 def test_spread_definition():
@@ -51,25 +66,33 @@ def test_spread_definition():
 
 
 def test_outputs_written(tmp_path, quadratic_runs):
-    paths = study.write_scale_outputs(quadratic_runs["loss"], tmp_path, meta={"task": "quadratic"})
+    paths = study.write_scale_outputs(quadratic_runs["loss"], tmp_path, study={"task": "quadratic"})
     runs = pd.read_csv(paths["runs"])
     assert {"factor", "optimizer", "lr", "seed", "final_loss", "status"} <= set(runs.columns)
     assert len(pd.read_csv(paths["summary"])) == 6 and len(pd.read_csv(paths["verdict"])) == 2
     assert paths["plot"].read_bytes().startswith(b"\x89PNG") and paths["plot"].stat().st_size > 5000
-    assert '"flat_spread": 0.5' in paths["meta"].read_text()
+    assert '"flat_spread": 0.5' in paths["study"].read_text()
+    assert json.loads(paths["study"].read_text()) == {"task": "quadratic", "flat_spread": 0.5}
 
 
 @pytest.mark.parametrize("spec", [s.name for s in list_optimizers()])
-def test_resolve_lrs_every_optimizer(spec):
-    lrs = study.resolve_lrs("rosenbrock", [spec, f"{spec}:lr=0.5"])
-    assert lrs[spec] == default_lr(get_optimizer(spec), "rosenbrock") and lrs[f"{spec}:lr=0.5"] == 0.5
-    assert study.resolve_lrs("rosenbrock", [spec], lr=0.25) == {spec: 0.25}
+def test_one_lr_per_optimizer_over_the_factors(spec):
+    """Each optimizer keeps one lr at every factor: its registry lr for the base task, the one its
+    choice fixes, or the one ``--lr`` gives."""
+    config = study.scale_config("rosenbrock", "loss", FACTORS, {"optimizers": [spec, f"{spec}:lr=0.5"]})
+    assert config.tasks == tuple(f"rosenbrock-loss-x{f}" for f in ("0.1", "1", "10"))
+    lrs: dict[str, set] = {}
+    for cell in plan_cells(config):
+        lrs.setdefault(cell.optimizer.label, set()).add(cell.lr)
+    assert lrs == {spec: {default_lr(get_optimizer(spec), "rosenbrock")}, f"{spec}:lr=0.5": {0.5}}
+    config = study.scale_config("rosenbrock", "loss", FACTORS, {"optimizers": [spec], "lr": 0.25})
+    assert {cell.lr for cell in plan_cells(config)} == {0.25} and config.seeds == 1
 
 
 def test_parse_factors():
     assert study.parse_factors("1e3, 1e-3,1,1") == [1e-3, 1.0, 1e3]
     for bad in ("1,x", "0", "-1", "inf", ""):
-        with pytest.raises(ValueError):
+        with pytest.raises(BenchError):
             study.parse_factors(bad)
 
 
@@ -83,6 +106,11 @@ def test_cli_scale(tmp_path):
     assert set(runs["optimizer"]) == {"esgd-m", "adam:lr=0.01"} and (runs["steps"] == 5).all()
     assert set(runs.loc[runs["optimizer"] == "adam:lr=0.01", "lr"]) == {0.01}
     assert (out / "scale.png").stat().st_size > 5000
+    # the study is an ordinary results folder, with the study's files next to the runs'
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary["task"]) == {"rosenbrock-params-x1", "rosenbrock-params-x1000"} and len(summary) == 4
+    for name in ("metrics.csv", "meta.json", "scale_summary.csv", "scale_verdict.csv", "scale.json"):
+        assert (out / name).is_file(), name
 
 
 @pytest.mark.parametrize("args", [

@@ -1,15 +1,30 @@
-"""The wall-clock table's numbers against values worked out by hand (tests/bench/fake_results.py)."""
+"""The wall-clock table: its numbers against values worked out by hand (tests/bench/fake_results.py),
+its rich, Markdown and CSV forms, and the ``table`` command: which files it may write, how it counts a
+folder given twice, and output to a stream that cannot spell every character."""
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
-from bench.tables import (HEADERS, ReportError, format_table, load_results, markdown_table, render_table,
-                          wall_clock_table, write_table)
-from tests.bench.fake_results import EXPECTED, frames, write_results
+from bench.errors import BenchError
+from bench.readers import load_results
+from bench.tables import HEADERS, format_table, markdown_table, render_table, wall_clock_table, write_table
+from cli import app
+from tests.bench.fake_results import (EXPECTED, frames, markdown_tables, one_error, run_copy,  # noqa: F401
+                                      run_folder, snapshot, warning_lines, write_results)
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _close(a: float, b: float) -> bool:
@@ -71,31 +86,49 @@ def test_formats(tmp_path):
     assert esgd["HVP / grad"] == "1.56x" and esgd["vs SGD"] == "1.80x" and esgd["vs Adam"] == "1.50x"
     assert esgd["final loss"] == "0.6 ± 0.14" and esgd["runs ok"] == "2/2"
     assert shown[shown["optimizer"] == "sgd"].iloc[0]["time to target"].startswith("not reached (0/3")
-    md = render_table(t, "markdown")
-    assert md.count("\n") == 2 + len(t) and "| esgd-m |" in md and "| 1.56x |" in md
     csv_text = render_table(t, "csv")
-    assert pd.read_csv(__import__("io").StringIO(csv_text))["amortised_ms"].tolist() == [125.0, 150.0, 225.0]
+    assert pd.read_csv(io.StringIO(csv_text))["amortised_ms"].tolist() == [125.0, 150.0, 225.0]
     assert write_table(t, tmp_path / "t.md").read_text() == markdown_table(t)
     assert pd.read_csv(write_table(t, tmp_path / "t.csv"))["optimizer"].tolist() == ["sgd", "adam", "esgd-m"]
-    with pytest.raises(ReportError):
+    with pytest.raises(BenchError, match="unknown format 'html'"):
         render_table(t, "html")
-    with pytest.raises(ReportError):
+    with pytest.raises(BenchError, match="unsupported file type '.txt'"):
         write_table(t, tmp_path / "t.txt")
+    assert sorted(os.listdir(tmp_path)) == ["t.csv", "t.md"]
 
 
-def test_load_results_round_trip_and_errors(tmp_path):
+def test_markdown_holds_every_cell_and_aligns_numbers():
+    t = wall_clock_table(*frames())
+    md = render_table(t, "markdown")
+    assert md.endswith("\n") and md.count("\n") == 2 + len(t)     # header, alignment row, one line a row
+    [rows] = markdown_tables(md)
+    assert rows[0] == HEADERS
+    assert rows[2:] == format_table(t).values.tolist()
+    align = rows[1]
+    assert all(a.startswith(":") and not a.endswith(":") for a in align[:2])   # task, optimizer: left
+    assert all(a.endswith(":") and not a.startswith(":") for a in align[2:])   # numbers: right
+    esgd = dict(zip(HEADERS, rows[2 + 2]))
+    assert esgd["optimizer"] == "esgd-m" and esgd["HVP / grad"] == "1.56x" and esgd["runs ok"] == "2/2"
+
+
+def test_markdown_escapes_a_pipe_in_a_cell():
+    metrics, summary = frames()
+    metrics["optimizer"] = metrics["optimizer"].replace("esgd-m", "my|opt")
+    summary["optimizer"] = summary["optimizer"].replace("esgd-m", "my|opt")
+    md = markdown_table(wall_clock_table(metrics, summary))
+    [rows] = markdown_tables(md)
+    assert all(len(r) == len(HEADERS) for r in rows)             # the pipe did not open a new column
+    assert [r[1] for r in rows[2:]] == ["sgd", "adam", "my\\|opt"]
+
+
+def test_load_results_round_trip(tmp_path):
     d = write_results(tmp_path / "r")
-    metrics, summary, metas = load_results([d])
-    assert len(summary) == 7 and metas[0]["threads"] == 2
-    t = wall_clock_table(metrics, summary).set_index("optimizer")
+    results = load_results([d])
+    assert len(results.summary) == 7 and results.metas[0]["threads"] == 2
+    t = wall_clock_table(results.metrics, results.summary).set_index("optimizer")
     assert t.loc["esgd-m", "hvp_x_grad"] == pytest.approx(70 / 45)
-    with pytest.raises(ReportError, match="does not exist"):
-        load_results([tmp_path / "nope"])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ReportError, match="no summary.csv"):
-        load_results([tmp_path / "empty"])
-    with pytest.raises(ReportError, match="no result directory"):
-        load_results([])
+    for opt, want in EXPECTED.items():
+        assert (t.loc[opt, "runs"], t.loc[opt, "runs_ok"]) == (want["runs"], want["runs_ok"])
 
 
 @pytest.mark.parametrize("spec", __import__("tasks").list_tasks(), ids=lambda s: s.name)
@@ -109,3 +142,74 @@ def test_every_task_has_its_target_and_direction(spec):
     row = wall_clock_table(metrics, summary).iloc[0]
     assert row["target"] == ("" if spec.target is None else
                              f"{spec.eval_metric} {'>=' if spec.higher_is_better else '<='} {spec.target:g}")
+
+
+# -- the table command ----------------------------------------------------------------------------------
+def _csv_table(res) -> pd.DataFrame:
+    assert res.exit_code == 0, res.output
+    return pd.read_csv(io.StringIO(res.stdout))
+
+
+@pytest.mark.parametrize("kind", ["hand-built", "run"])
+@pytest.mark.parametrize("name", ["summary.csv", "metrics.csv", "meta.json", "manifest.json"])
+def test_table_out_refuses_a_file_of_the_results_folder(tmp_path, run_copy, kind, name):
+    """``--out`` naming one of the folder's own files is refused; every file stays byte-identical and
+    the folder still reads as before."""
+    d = write_results(tmp_path / "r") if kind == "hand-built" else run_copy
+    shown = _csv_table(runner.invoke(app, ["table", str(d), "--format", "csv"]))
+    before = snapshot(d)
+    message = one_error(runner.invoke(app, ["table", str(d), "--out", str(d / name)]))
+    assert str(d / name) in message
+    assert snapshot(d) == before
+    res = runner.invoke(app, ["table", str(d), "--format", "csv"])
+    assert warning_lines(res) == [] and _csv_table(res).equals(shown)
+
+
+def test_write_table_refuses_a_file_of_the_results_folder(tmp_path):
+    d = write_results(tmp_path / "r")
+    before = snapshot(d)
+    for name in ("summary.csv", "metrics.csv"):
+        with pytest.raises(BenchError, match="that is a file of the results folder"):
+            write_table(wall_clock_table(*frames()), d / name)
+    assert snapshot(d) == before
+
+
+def test_table_out_refuses_a_cell_file_of_a_run_folder(run_copy):
+    """A cell's metrics file (cells/<cell>.csv) is as much the folder's as summary.csv is."""
+    cell = sorted((run_copy / "cells").glob("*.csv"))[0]
+    before = snapshot(run_copy)
+    message = one_error(runner.invoke(app, ["table", str(run_copy), "--out", str(cell)]))
+    assert str(cell) in message
+    assert snapshot(run_copy) == before
+    assert _csv_table(runner.invoke(app, ["table", str(run_copy), "--format", "csv"]))["runs_ok"].tolist() == [2]
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot", "dotdot", "symlink", "copy"])
+def test_folder_given_twice_is_counted_once(run_folder, tmp_path, spelling):
+    if spelling == "copy":      # two different folders holding the same cells
+        other = str(shutil.copytree(run_folder, tmp_path / "copy"))
+    elif spelling == "symlink":
+        other = str(tmp_path / "link")
+        os.symlink(run_folder, other)
+    else:
+        other = {"same": str(run_folder), "dot": f"{run_folder}/.",
+                 "dotdot": f"{run_folder}/../{run_folder.name}"}[spelling]
+    before = snapshot(run_folder)
+    res = runner.invoke(app, ["table", str(run_folder), other, "--format", "csv"])
+    t = _csv_table(res)
+    assert (t["runs"].tolist(), t["runs_ok"].tolist()) == ([2], [2])        # not 4/4
+    assert len(warning_lines(res)) == 1 and res.stderr == warning_lines(res)[0] + "\n"
+    assert snapshot(run_folder) == before
+
+
+@pytest.mark.parametrize("fmt", ["rich", "markdown"])
+def test_table_to_an_ascii_stream(tmp_path, fmt):
+    """``±`` and ``—`` on a pipe or terminal whose encoding is ASCII: replaced, not a crash."""
+    d = write_results(tmp_path / "r")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", "from cli import app; app()", "table", str(d), "--format", fmt],
+                          cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"UnicodeEncodeError" not in proc.stderr and proc.stderr == b""
+    out = proc.stdout.decode(errors="replace")
+    assert "esgd-m" in out and "1.56x" in out

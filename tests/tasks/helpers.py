@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import tasks
-from bench.optimizers import create_optimizer, needs_create_graph
+from bench.optimizers import needs_create_graph, parse_optimizer
 from tasks import TaskConfig, TaskDataError, TaskSpec
 
 # Per base task: options that keep a test step in milliseconds.  A task not listed here is built with
@@ -38,12 +38,13 @@ def build_small(spec: TaskSpec, seed: int = 0) -> tasks.Problem:
 
 def train(problem: tasks.Problem, task: str, opt_name: str, steps: int, seed: int = 0) -> list[float]:
     """``steps`` optimizer steps as the runner takes them; the unscaled training losses."""
-    opt = create_optimizer(opt_name, problem.model.parameters(), task=task, seed=seed)
+    choice = parse_optimizer(opt_name)
+    opt = choice.create(problem.model.parameters(), task=task, seed=seed)
     losses = []
     for _, batch in zip(range(steps), problem.batches):
         opt.zero_grad(set_to_none=True)
         loss = problem.loss(batch)
-        loss.backward(create_graph=needs_create_graph(opt))
+        loss.backward(create_graph=needs_create_graph(opt, choice.second_order))
         opt.step()
         losses.append(loss.item() / problem.loss_scale)
     opt.zero_grad(set_to_none=True)   # drop any graph still hanging off .grad

@@ -1,4 +1,4 @@
-"""Every registered task trains with every registered optimizer, deterministically (issue 3)."""
+"""Every registered task trains with every registered optimizer, deterministically."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_evaluate_returns_eval_metric(task: str) -> None:
 
 
 def test_offline_mnist_adam_reaches_085() -> None:
-    """Issue 3's bar on the offline digits: Adam, default lr, 300 steps of 128 -> test accuracy >= 0.85.
+    """The bar on the offline digits: Adam, default lr, 300 steps of 128 -> test accuracy >= 0.85.
 
     Width 256 instead of 1024 keeps the test near 10 s; the full width reaches 0.957 (checked by hand).
     """

@@ -1,0 +1,116 @@
+"""The optimizer registry's entries, after timm's optimizer factory: small frozen dataclasses.
+
+An entry has a lowercase name, a factory (an optimizer class), default hyperparameters, default learning
+rates per task, a one-line description, and ``second_order``: whether the training loop must build the
+gradient's graph (``backward(create_graph=...)``) for the optimizer's Hessian-vector products.  The
+built-in entries are registered here; :mod:`bench.plugins` adds user classes and installed plugins, and
+:mod:`bench.optimizers` is what the rest of the suite looks names up in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from esgd import ESGD, AdaHessian, ESGDMax, PlainESGD, Sophia
+
+__all__ = ["OptimizerSpec", "LOOP_OPTIONS", "register_optimizer", "unregister_optimizer", "registered",
+           "default_lr"]
+
+# Options of the training loop rather than of an optimizer's constructor, accepted by the optimizers
+# that take a product of another loss (esgd.HessianOptimizer.accumulate_hvp(loss)).  hvp_fraction = f
+# < 1 takes each product on the loss of the first ceil(f * B) rows of the batch only (a plain backward
+# gives the update's gradient): the sub-batch estimate of Sophia (Liu et al. 2023); 1 is the exact one.
+LOOP_OPTIONS: dict[str, Any] = {"hvp_fraction": 1.0}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    factory: Callable[..., torch.optim.Optimizer]
+    description: str
+    second_order: bool
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    # Default learning rate per task family (a scaled variant uses its base task's entry); "*" is the
+    # fallback.  docs/learning-rates.md says how each value was chosen.
+    lrs: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def takes_loop_options(self) -> bool:
+        """Whether the loop options (``hvp_fraction``) apply: the factory is an esgd optimizer."""
+        from esgd import HessianOptimizer
+        return self.second_order and isinstance(self.factory, type) \
+            and issubclass(self.factory, HessianOptimizer)
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(spec: OptimizerSpec, *, replace: bool = False) -> OptimizerSpec:
+    if spec.name != spec.name.lower():
+        raise ValueError(f"optimizer names are lowercase, got {spec.name!r}")
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"optimizer {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_optimizer(name: str) -> None:
+    """Remove an entry (plugins that are unloaded, tests); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
+
+
+def registered() -> dict[str, OptimizerSpec]:
+    """The entries registered so far, by name (a copy)."""
+    return dict(_REGISTRY)
+
+
+def default_lr(spec: OptimizerSpec, task: str | None) -> float | None:
+    """The entry's learning rate for ``task`` (scaled variants fall back to their base task)."""
+    if task is not None:
+        for key in (task, task.split("-")[0]):
+            if key in spec.lrs:
+                return spec.lrs[key]
+    return spec.lrs.get("*", spec.defaults.get("lr"))
+
+
+# Default learning rates, each chosen by `esgd-bench sweep` (docs/learning-rates.md has the commands and
+# the tables).  "*" (cifar and plugin tasks) repeats the MNIST value: those rates were not tuned.
+_ESGD_M_LRS = {"*": 0.03, "mnist": 0.03, "rosenbrock": 10.0, "quadratic": 1.0}
+register_optimizer(OptimizerSpec(
+    name="esgd-m", factory=ESGD, second_order=True,
+    description="ESGD-M (esgd.ESGD): Hessian-diagonal preconditioning with quasi-hyperbolic (Nesterov) momentum",
+    lrs=_ESGD_M_LRS))
+register_optimizer(OptimizerSpec(
+    name="esgd-m-sub", factory=ESGD, second_order=True,
+    description="ESGD-M with each product on 1/8 of the batch (hvp_fraction=0.125, a cheaper estimate)",
+    defaults={"hvp_fraction": 0.125}, lrs=_ESGD_M_LRS))
+register_optimizer(OptimizerSpec(
+    name="esgd-m-max", factory=ESGDMax, second_order=True,
+    description="ESGD-M keeping max(beta2 * d, (Hz)^2), an infinity norm, instead of the EMA (esgd.ESGDMax)",
+    lrs={"*": 0.1, "mnist": 0.1, "rosenbrock": 10.0, "quadratic": 1.0}))
+register_optimizer(OptimizerSpec(
+    name="esgd", factory=PlainESGD, second_order=True,
+    description="Plain ESGD of Dauphin et al. 2015 (esgd.PlainESGD): running average of (Hz)^2, no momentum",
+    lrs={"*": 0.01, "mnist": 0.01, "rosenbrock": 1.0, "quadratic": 0.1}))
+register_optimizer(OptimizerSpec(
+    name="sgd", factory=torch.optim.SGD, second_order=False,
+    description="SGD with Nesterov momentum 0.9 (torch.optim.SGD)",
+    defaults={"momentum": 0.9, "nesterov": True},
+    lrs={"*": 0.1, "mnist": 0.1, "rosenbrock": 1e-3, "quadratic": 0.01}))
+register_optimizer(OptimizerSpec(
+    name="adam", factory=torch.optim.Adam, second_order=False,
+    description="Adam (torch.optim.Adam, foreach)",
+    lrs={"*": 1e-3, "mnist": 1e-3, "rosenbrock": 1.0, "quadratic": 1e-3}))
+register_optimizer(OptimizerSpec(
+    name="adahessian", factory=AdaHessian, second_order=True,
+    description="AdaHessian (Yao et al. 2021): Adam with an EMA of (z*Hz)^2, whose mean is diag(H^2); "
+                "conv-kernel averaging; a product every step",
+    lrs={"*": 0.03, "mnist": 0.03, "rosenbrock": 4.0, "quadratic": 0.3}))
+register_optimizer(OptimizerSpec(
+    name="sophia", factory=Sophia, second_order=True,
+    description="Sophia-H (Liu et al. 2023): momentum / max(rho * EMA of z*Hz, eps), clipped to 1",
+    lrs={"*": 3e-4, "mnist": 3e-4, "rosenbrock": 0.1, "quadratic": 0.01}))
+

@@ -1,0 +1,294 @@
+"""The gradient work of one optimizer step, by every route the suite trains with.
+
+:class:`StepRoute` is the one place that decides how a step's gradients and Hessian-vector products are
+computed; the training loop (:mod:`bench.train`) and ``esgd-bench perf`` both call it, so what is timed
+is what is trained.  The routes:
+
+* first order: ``loss.backward()``;
+* the exact product: ``loss.backward(create_graph=...)`` on the steps that take one, the product in
+  ``opt.step()``;
+* the sub-batch estimate (``hvp_fraction < 1``): a plain backward for the update and, on product steps,
+  the product of the loss on the first ``ceil(f * B)`` rows of the batch through ``opt.accumulate_hvp``;
+* gradient accumulation (``accumulate = K``): K micro-batches, each loss divided by K, each product
+  folded into the step's sum right after its backward, so one double-backward graph is alive at a time;
+* data parallel (``torch.distributed``, N ranks): each rank takes its contiguous shard of the global
+  batch through DistributedDataParallel, and its local product outside DDP's reducer
+  (:mod:`esgd.distributed` averages the products);
+* finite differences (``hvp_method="finite-difference"``, e.g. a compiled model): ``opt.step(closure)``
+  evaluates the gradient a second time at a moved point, with the random state rewound.
+
+The batch size stays the global, per-optimizer-step batch, so every combination sees the same data and,
+to float rounding, takes the same steps as one process with one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from esgd import DoubleBackwardUnsupportedError
+from esgd._base import rng_state, set_rng_state
+from tasks import Problem
+
+from .errors import BenchError
+from .optimizers import OptimizerChoice, needs_create_graph
+
+__all__ = ["StepRoute", "DDPRoute", "split_batch", "sub_batch", "world_and_rank", "backend_for",
+           "check_route", "compiled_extras", "double_backward_error"]
+
+FINITE_DIFFERENCE = "finite-difference"
+
+
+def world_and_rank() -> tuple[int, int]:
+    """``(world_size, rank)`` of the default process group, ``(1, 0)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def _tensors(batch: Any) -> list[Any]:
+    if isinstance(batch, dict):
+        return list(batch.values())
+    return list(batch) if isinstance(batch, (tuple, list)) else [batch]
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """``batch`` (a tensor, or a tuple/list/dict of tensors sharing dim 0) cut into ``parts`` equal pieces."""
+    if parts == 1:
+        return [batch]
+    tensors = _tensors(batch)
+    if batch is None or not tensors or not all(isinstance(t, torch.Tensor) and t.dim() for t in tensors):
+        raise BenchError("this task has no data batch to split (--accumulate and --nproc need a data task "
+                         "such as mnist)")
+    n = len(tensors[0])
+    if any(len(t) != n for t in tensors) or n % parts:
+        raise BenchError(f"batch size {n} does not split into {parts} equal parts (--nproc x --accumulate); "
+                         "choose a --batch-size divisible by it")
+    pieces = [t.split(n // parts) for t in tensors]
+    out = []
+    for k in range(parts):
+        items = [p[k] for p in pieces]
+        out.append(dict(zip(batch, items)) if isinstance(batch, dict) else type(batch)(items)
+                   if isinstance(batch, (tuple, list)) else items[0])
+    return out
+
+
+def sub_batch(batch: Any, fraction: float) -> Any:
+    """The first ``ceil(fraction * B)`` rows of a batch whose tensors share their first dimension B;
+    ``None`` when ``fraction >= 1`` or the batch has no rows to take (the caller uses the whole batch)."""
+    if fraction >= 1:
+        return None
+    parts = _tensors(batch)
+    if batch is None or isinstance(batch, dict) or not parts \
+            or not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in parts):
+        return None
+    rows = {t.shape[0] for t in parts}
+    if len(rows) != 1:
+        return None
+    n = max(1, math.ceil(fraction * rows.pop()))
+    return batch[:n] if isinstance(batch, torch.Tensor) else type(batch)(t[:n] for t in parts)
+
+
+def check_route(choice: OptimizerChoice, *, accumulate: int = 1, world: int = 1, compile: bool = False,
+                hvp_method: str | None = None) -> None:
+    """Refuse a choice whose loop options do not fit the route: the sub-batch estimate takes one
+    exact product of part of one batch, so it cannot be combined with micro-batches, ranks or finite
+    differences (a compiled model gets those)."""
+    method = hvp_method or choice.given.get("hvp_method", "autograd")
+    if choice.second_order and choice.hvp_fraction < 1 and (accumulate > 1 or world > 1 or compile
+                                                            or method != "autograd"):
+        raise BenchError(f"{choice.label}: hvp_fraction < 1 needs the exact product (hvp_method="
+                         "'autograd') and works without --accumulate, --nproc and --compile")
+
+
+class DDPRoute:
+    """Route the calls of ``module`` through a :class:`~torch.nn.parallel.DistributedDataParallel` wrapper.
+
+    Tasks close over their model, so the wrapper cannot simply replace it: ``module.forward`` is
+    overridden on the instance to call the DDP wrapper, which calls the module's own forward.  Calls
+    without grad (evaluation) and calls inside :meth:`local` run the module alone, outside DDP's reducer.
+    """
+
+    def __init__(self, module: nn.Module, **ddp_options: Any) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+        self.module = module
+        self.ddp = DistributedDataParallel(module, **ddp_options)
+        self._own = type(module).forward.__get__(module)
+        self._direct = False
+        module.forward = self._forward
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._direct or not torch.is_grad_enabled():
+            return self._own(*args, **kwargs)
+        self._direct = True       # DDP calls the module back: that call runs the real forward
+        try:
+            return self.ddp(*args, **kwargs)
+        finally:
+            self._direct = False
+
+    @contextlib.contextmanager
+    def local(self) -> Iterator[None]:
+        """Calls of the module run it alone (this rank's graph, free for double backward)."""
+        before, self._direct = self._direct, True
+        try:
+            yield
+        finally:
+            self._direct = before
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+class StepRoute:
+    """One optimizer step's gradient work (see the module docstring for the routes).
+
+    ``forward_backward(batch)`` leaves this step's gradients in ``.grad`` (the global mean under DDP),
+    folds exact products into the optimizer and returns the loss; ``step()`` updates.  ``stop`` is
+    polled once per step under DDP and travels to every rank inside the loss's all-reduce, so all ranks
+    stop at the same step.
+    """
+
+    def __init__(self, problem: Problem, opt: torch.optim.Optimizer, choice: OptimizerChoice, *,
+                 accumulate: int = 1, stop: Callable[[], bool] | None = None) -> None:
+        self.problem, self.opt, self.accumulate, self.stop = problem, opt, accumulate, stop
+        self.second_order = choice.second_order
+        self.fraction = choice.hvp_fraction if self.second_order else 1.0
+        self.world, self.rank = world_and_rank()
+        self.finite_difference = self.second_order and getattr(opt, "hvp_method", "") == FINITE_DIFFERENCE
+        check_route(choice, accumulate=accumulate, world=self.world, hvp_method=getattr(opt, "hvp_method", None))
+        self.device = next(problem.model.parameters()).device
+        self.route: DDPRoute | None = None
+        if accumulate * self.world > 1:      # a batch that does not split is an input error, up front
+            first = next(problem.batches)
+            split_batch(first, accumulate * self.world)
+            problem.batches = itertools.chain([first], problem.batches)
+        if self.world > 1:
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+                if self.device.type == "cuda" else None
+            self.route = DDPRoute(problem.model, device_ids=ids)
+            if self.second_order:
+                from esgd import distributed as esgd_dist
+                esgd_dist.setup(opt)
+        self._replay: tuple[Any, tuple] | None = None
+        self._loss: torch.Tensor | None = None
+
+    def is_hvp_step(self) -> bool:
+        """Whether the coming step takes a Hessian-vector product."""
+        if not self.second_order:
+            return False
+        is_hvp = getattr(self.opt, "is_hvp_step", None)
+        return bool(is_hvp()) if callable(is_hvp) else needs_create_graph(self.opt, True)
+
+    def forward_backward(self, batch: Any) -> torch.Tensor:
+        if self.accumulate == 1 and self.world == 1 and not self.finite_difference:
+            return self._simple(batch)
+        if self.finite_difference and self.opt.is_hvp_step():
+            self._replay = (batch, rng_state(self.device))
+        loss = self._parts(batch)
+        if self.world > 1:
+            # The stop flag rides along with the loss, so every rank sees it at the same step.
+            flag = float(self.stop is not None and self.stop())
+            buf = torch.stack([loss.double(), torch.tensor(flag, dtype=torch.float64, device=self.device)])
+            dist.all_reduce(buf)
+            if buf[1] > 0:
+                raise KeyboardInterrupt
+            loss = (buf[0] / self.world).to(loss.dtype)
+        self._loss = loss
+        return loss
+
+    def _simple(self, batch: Any) -> torch.Tensor:
+        problem, opt = self.problem, self.opt
+        loss = problem.loss(batch)
+        graph = self.second_order and needs_create_graph(opt, True)
+        part = sub_batch(batch, self.fraction) if graph else None
+        if part is None:
+            loss.backward(create_graph=graph)
+            return loss
+        loss.backward()
+        # The extra forward must not move the model's buffers (BatchNorm's running statistics).
+        buffers = [(b, b.detach().clone()) for b in problem.model.buffers()]
+        try:
+            opt.accumulate_hvp(problem.loss(part))
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        return loss
+
+    def _parts(self, batch: Any) -> torch.Tensor:
+        """K micro-batches of this rank's shard; exact products folded in as each backward ends."""
+        opt, k_parts = self.opt, self.accumulate
+        exact = self.second_order and not self.finite_difference and needs_create_graph(opt, True)
+        shard = split_batch(batch, self.world)[self.rank] if self.world > 1 else batch
+        total = None
+        for k, part in enumerate(split_batch(shard, k_parts)):
+            sync = self.route.ddp.no_sync() if self.route is not None and k < k_parts - 1 \
+                else contextlib.nullcontext()
+            with sync:
+                loss = self.problem.loss(part)
+                loss = loss / k_parts if k_parts > 1 else loss
+                loss.backward(create_graph=exact and self.route is None)
+            if exact and self.route is None:
+                opt.accumulate_hvp()          # frees this micro-batch's double-backward graph
+            elif exact:
+                with self.route.local():      # this rank's product; hvp_reduce averages it in step()
+                    local = self.problem.loss(part)
+                opt.accumulate_hvp(local / k_parts if k_parts > 1 else local)
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    def step(self) -> None:
+        opt = self.opt
+        if not (self.finite_difference and opt.is_hvp_step()):
+            opt.step()
+            return
+        calls = 0
+
+        def closure() -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            if calls == 1:     # the gradient at theta is already in .grad
+                return self._loss
+            batch, rng = self._replay
+            set_rng_state(rng, self.device)   # same dropout masks as the first evaluation
+            opt.zero_grad(set_to_none=True)
+            return self._parts(batch)
+
+        opt.step(closure)
+
+    def close(self) -> None:
+        if self.route is not None:
+            self.route.remove()
+
+
+def compiled_extras(choice: OptimizerChoice) -> dict[str, Any]:
+    """The optimizer keywords a compiled model needs: finite-difference products for a second-order
+    optimizer (compiled graphs cannot be differentiated twice) unless the choice sets ``hvp_method``."""
+    if not choice.second_order or "hvp_method" in choice.given:
+        return {}
+    return {"hvp_method": FINITE_DIFFERENCE}
+
+
+def double_backward_error(err: BaseException, optimizer: str) -> Exception | None:
+    """The one-line error for a torch failure caused by differentiating a compiled graph with
+    ``create_graph=True`` (torch words it differently depending on what was compiled before in the
+    process: "double backward", or "donated buffers ... requires create_graph=False"); else ``None``."""
+    if isinstance(err, DoubleBackwardUnsupportedError):
+        return err
+    text = str(err)
+    if isinstance(err, RuntimeError) and ("double backward" in text or "donated buffer" in text):
+        return DoubleBackwardUnsupportedError(
+            f"{optimizer}: the compiled model cannot be differentiated twice; construct the optimizer with "
+            "hvp_method='finite-difference' and call opt.step(closure) (with --compile, leave hvp_method "
+            "unset); it needs first-order gradients only")
+    return None
