@@ -9,23 +9,22 @@ heavy (torch, pandas) is imported before a command runs, so ``--help`` and ``--v
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import sys
-import tomllib
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 try:    # typer 0.29 ships its own copy of click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:    # pragma: no cover - typer releases that depend on click itself
     from click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _ERR = "error: "
 _WARNINGS = ("PluginWarning", "ResultsWarning")      # shown as one ``warning:`` line each
@@ -76,7 +75,8 @@ def _warnings_one_line() -> Iterator[None]:
 
 
 app = typer.Typer(help="Benchmark ESGD-M against ESGD, SGD, Adam and other optimizers.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineErrors)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineErrors,
+                  rich_markup_mode=None)
 
 
 def _version(value: bool) -> None:
@@ -102,6 +102,7 @@ def _stdout() -> Console:
     """Where results go: a terminal's own width; piped or logged output gets 160 columns (rich would
     squeeze a wide table into 80 and cut its headers), unless COLUMNS says otherwise."""
     import os
+    from rich.console import Console
     console = Console()
     return console if console.is_terminal or os.environ.get("COLUMNS") else Console(width=160)
 
@@ -137,7 +138,14 @@ def _guarded() -> Iterator[Any]:
             _fail(str(error), getattr(error, "exit_code", 2))
 
 
+def _stderr() -> Console:
+    from rich.console import Console
+    return Console(stderr=True)
+
+
 def _read_config(path: Path) -> dict[str, Any]:
+    import json
+    import tomllib
     try:
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
@@ -198,7 +206,7 @@ def _execute(given: dict[str, Any], config_file: Optional[Path], sweep: bool) ->
         from bench.grid import best_lrs, run_benchmark
         config = make_config(given, _read_config(config_file) if config_file else None, config_file,
                              sweep=sweep)
-        with RichReporter(Console(stderr=True), show_lr=sweep) as reporter:
+        with RichReporter(_stderr(), show_lr=sweep) as reporter:
             result = run_benchmark(config, reporter=reporter, argv=["esgd-bench"] + sys.argv[1:])
     out = _stdout()
     for table in summary_table(result.summary):
@@ -288,6 +296,7 @@ def tasks_cmd(pattern: Annotated[str, typer.Argument(help="fnmatch pattern, e.g.
     specs = registry.list_tasks(pattern)
     if not specs:
         _no_match("task", pattern, [t.name for t in registry.list_tasks()])
+    from rich.table import Table
     table = Table(title="Tasks")
     for col in ("name", "description", "steps", "batch", "eval metric", "data source", "source"):
         table.add_column(col, overflow="fold")
@@ -306,6 +315,7 @@ def optimizers_cmd(pattern: Annotated[str, typer.Argument(help="fnmatch pattern,
     specs = list_optimizers(pattern)
     if not specs:
         _no_match("optimizer", pattern, [s.name for s in list_optimizers()])
+    from rich.table import Table
     table = Table(title="Optimizers", caption="Also: any torch.optim.Optimizer subclass as "
                                               "--opt package.module:ClassName[:key=value,...]")
     for col in ("name", "class", "order", "default lr (per task)", "defaults", "description", "source"):
@@ -416,7 +426,7 @@ def scale(task: Annotated[str, typer.Argument(help="Base task, e.g. rosenbrock, 
                         resume=resume, force=force, options=_parse_options(option))
         cfg = study.scale_config(task, kind, factor_list, settings,
                                  _read_config(config) if config else None, config)
-        with RichReporter(Console(stderr=True)) as reporter:
+        with RichReporter(_stderr()) as reporter:
             result = run_benchmark(cfg, reporter=reporter, argv=["esgd-bench"] + sys.argv[1:])
         runs = study.scale_runs(load_results([result.out]))
         paths = study.write_scale_outputs(runs, result.out, flat_spread=flat_spread,
@@ -447,7 +457,7 @@ def regress(baseline: Annotated[Path, typer.Option(help="Baseline JSON.")] = Pat
             check_folder(baseline.parent, "the folder of --baseline")
             check_output_file(baseline, (".json",), "--baseline")
         start = time.perf_counter()
-        with RichReporter(Console(stderr=True)) as reporter:
+        with RichReporter(_stderr()) as reporter:
             result = rg.run_suite(out=out, reporter=reporter)
         seconds = time.perf_counter() - start
         entries = rg.aggregate(result.summary, result.metrics)

@@ -23,11 +23,10 @@ from .tables import markdown_table, wall_clock_table
 
 __all__ = ["build_report", "environment_markdown"]
 
-# meta.json keys shown first, in this order, when present; everything else scalar follows.
-_FIRST = ("command", "command_line", "argv", "task", "optimizers", "seeds", "steps", "device", "device_name",
-          "cpu", "gpu", "threads", "num_threads", "jobs", "torch", "torch_version", "python",
-          "python_version", "platform", "git_commit", "git", "data_source", "synthetic", "start_time",
-          "end_time", "started", "finished")
+# meta.json keys (flattened) shown first, in this order, when present; every other scalar follows sorted.
+_FIRST = ("command", "started", "finished", "environment.torch", "environment.python", "environment.platform",
+          "environment.cpu", "environment.gpu", "environment.cuda", "environment.device",
+          "environment.torch_threads", "environment.git_commit", "jobs", "world_size", "backend")
 
 
 def _cell(value: Any) -> str:

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from .errors import BenchError
 from .store import as_bool, check_output_file, write_csv, write_text
+from .timing import median
 
 __all__ = ["add_labels", "wall_clock_table", "format_table", "rich_table", "markdown_table", "render_table",
            "write_table", "TABLE_SUFFIXES"]
@@ -85,8 +86,7 @@ def _ok(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _median(series: pd.Series) -> float:
-    values = pd.to_numeric(series, errors="coerce").dropna()
-    return float(values.median()) if len(values) else math.nan
+    return median(pd.to_numeric(series, errors="coerce").tolist())
 
 
 def _hvp_flags(frame: pd.DataFrame) -> pd.Series:

@@ -49,40 +49,11 @@ class SignSGD(torch.optim.Optimizer):
                     p.sub_(group["lr"] * p.grad.sign())
 
 
-class CurvatureSGD(torch.optim.Optimizer):
+class CurvatureStep(torch.optim.Optimizer):
     """Gradient step divided by 1 + |H g|; the Hessian-vector product needs the gradient's graph."""
 
     def __init__(self, params, lr=0.01):
         super().__init__(params, dict(lr=lr))
-
-    def should_create_graph(self):
-        return True
-
-    def step(self, closure=None):
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        hvs = torch.autograd.grad(grads, params, grad_outputs=[g.detach() for g in grads])
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p, hv in zip(params, hvs):
-                    p.sub_(group["lr"] * p.grad / (1 + hv.abs()))
-        for p in params:
-            p.grad = p.grad.detach()
-
-
-class FlaggedFirstOrder(CurvatureSGD):
-    second_order = False
-
-
-class TimmCurvature(torch.optim.Optimizer):
-    """Curvature-scaled step marked as timm marks AdaHessian: a read-only is_second_order property."""
-
-    def __init__(self, params, lr=0.01):
-        super().__init__(params, dict(lr=lr))
-
-    @property
-    def is_second_order(self):
-        return True
 
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -95,6 +66,25 @@ class TimmCurvature(torch.optim.Optimizer):
                     p.sub_(group["lr"] * p.grad / (1 + hv.abs()))
         for p in params:
             p.grad = p.grad.detach()
+
+
+class CurvatureSGD(CurvatureStep):
+    """The curvature-scaled step, saying so the way the esgd optimizers do: should_create_graph()."""
+
+    def should_create_graph(self):
+        return True
+
+
+class FlaggedFirstOrder(CurvatureSGD):
+    second_order = False
+
+
+class TimmCurvature(CurvatureStep):
+    """The curvature-scaled step marked as timm marks AdaHessian: a read-only is_second_order property."""
+
+    @property
+    def is_second_order(self):
+        return True
 
 
 class Quitter(SignSGD):

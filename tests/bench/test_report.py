@@ -159,3 +159,17 @@ def test_non_object_meta_of_run_folder_is_one_error_naming_it(run_copy, tmp_path
     message = one_error(runner.invoke(app, _command(command, run_copy, tmp_path)))
     assert str(run_copy / "meta.json") in message
     assert snapshot(run_copy) == before
+
+
+def test_environment_table_leads_with_what_identifies_the_machine(run_copy):
+    """The keys the page puts first are keys a run's meta.json really has, in that order."""
+    from bench.readers import load_meta
+    from bench.report import _FIRST, _flatten, environment_markdown
+    meta = load_meta(run_copy)
+    flat = _flatten(meta)
+    present = [k for k in _FIRST if k in flat]
+    assert present[:4] == ["command", "started", "finished", "environment.torch"]
+    assert {"environment.cpu", "environment.git_commit", "jobs"} <= set(present)
+    rows = [line.split("|")[1].strip() for line in environment_markdown(meta).splitlines()[2:]
+            if line.startswith("|")]
+    assert rows[:len(present)] == present

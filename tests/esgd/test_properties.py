@@ -192,6 +192,20 @@ def quadratic(dim=5, seed=0):
     return hess
 
 
+def _estimate_moments(opt, x, hess, statistic, n: int = 4000):
+    """Mean and standard error over ``n`` probes of ``statistic(z, H z)`` on ``0.5 x^T H x``, checking
+    each product against the explicit Hessian."""
+    samples = []
+    for _ in range(n):
+        (grad,) = torch.autograd.grad(0.5 * x @ hess @ x, [x], create_graph=True)
+        z = opt.draw_probe(x)
+        (h,) = opt.hessian_vector_products([x], [grad], [z])
+        torch.testing.assert_close(h, hess @ z)  # the product itself is exact
+        samples.append(statistic(z, h))
+    samples = torch.stack(samples)
+    return samples.mean(0), samples.std(0) / math.sqrt(n)
+
+
 @pytest.mark.parametrize("cls,probe", [(ESGD, "rademacher"), (PlainESGD, "gaussian"),
                                        (PlainESGD, "rademacher")])
 def test_mean_squared_hvp_matches_diag_h_squared(cls, probe):
@@ -199,16 +213,7 @@ def test_mean_squared_hvp_matches_diag_h_squared(cls, probe):
     x = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
     kwargs = {"probe": probe} if cls is PlainESGD else {}
     opt = cls([x], generator=torch.Generator().manual_seed(0), **kwargs)
-    n = 4000
-    samples = []
-    for _ in range(n):
-        (grad,) = torch.autograd.grad(0.5 * x @ hess @ x, [x], create_graph=True)
-        z = opt.draw_probe(x)
-        (h,) = opt.hessian_vector_products([x], [grad], [z])
-        torch.testing.assert_close(h, hess @ z)  # the product itself is exact
-        samples.append(h * h)
-    samples = torch.stack(samples)
-    mean, sem = samples.mean(0), samples.std(0) / math.sqrt(n)
+    mean, sem = _estimate_moments(opt, x, hess, lambda z, h: h * h)
     target = torch.diag(hess @ hess)
     assert ((mean - target).abs() <= 5 * sem).all(), (mean, target, sem)
 
@@ -219,15 +224,7 @@ def test_mean_squared_hutchinson_estimate_is_diag_h_squared_not_diag_squared():
     hess = quadratic()
     x = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
     opt = AdaHessian([x], generator=torch.Generator().manual_seed(0))
-    n = 4000
-    samples = []
-    for _ in range(n):
-        (grad,) = torch.autograd.grad(0.5 * x @ hess @ x, [x], create_graph=True)
-        z = opt.draw_probe(x)
-        (h,) = opt.hessian_vector_products([x], [grad], [z])
-        samples.append((z * h) ** 2)
-    samples = torch.stack(samples)
-    mean, sem = samples.mean(0), samples.std(0) / math.sqrt(n)
+    mean, sem = _estimate_moments(opt, x, hess, lambda z, h: (z * h) ** 2)
     assert ((mean - torch.diag(hess @ hess)).abs() <= 5 * sem).all()
     assert ((mean - torch.diag(hess) ** 2).abs() > 5 * sem).all()   # the control: off by 11-17 sem
 
