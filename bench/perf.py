@@ -50,7 +50,7 @@ from .environment import environment, load_average
 from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
 from .memory import peak_memory
-from .steps import StepRoute, compiled_extras
+from .steps import StepRoute, compile_in_place, compiled_extras
 from .store import check_folder, write_csv, write_json
 from .timing import median
 
@@ -139,7 +139,7 @@ class _Trainer:
         # over the timed steps (a registry lr may diverge on synthetic data, and NaNs would end the run).
         extra: dict[str, Any] = {"lr": choice.lr or TIMING_LR}
         if compiled:
-            self.problem.model.compile()
+            compile_in_place(self.problem.model)
             extra.update(compiled_extras(choice))
         extra.update(_schedule(variant))
         self.opt = choice.create(self.problem.model.parameters(), task=task, seed=config.seed, **extra)

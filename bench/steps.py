@@ -24,6 +24,7 @@ to float rounding, takes the same steps as one process with one batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from typing import Any, Callable, Iterator
@@ -40,7 +41,7 @@ from .errors import BenchError
 from .optimizers import OptimizerChoice, needs_create_graph
 
 __all__ = ["StepRoute", "DDPRoute", "split_batch", "sub_batch", "world_and_rank", "backend_for",
-           "check_route", "compiled_extras", "double_backward_error"]
+           "check_route", "compile_in_place", "compiled_extras", "double_backward_error"]
 
 FINITE_DIFFERENCE = "finite-difference"
 
@@ -269,6 +270,23 @@ class StepRoute:
     def close(self) -> None:
         if self.route is not None:
             self.route.remove()
+
+
+def _forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return type(module).forward(module, *args, **kwargs)
+
+
+def compile_in_place(model: nn.Module, **options: Any) -> nn.Module:
+    """Compile ``model``'s forward in place (``options`` go to ``torch.compile``); returns ``model``.
+
+    Tasks close over their model, so it is compiled where it stands rather than replaced by a wrapper.
+    ``model.compile()`` would do that, but before torch 2.14 it compiles nothing when the module's
+    forward is torch's own (``nn.Sequential``, the MNIST MLP): Dynamo skips frames in torch's files.
+    The frame compiled here is this file's, which inlines the module's forward; the module is its
+    argument, not a closure, so fresh models of one architecture share a graph.
+    """
+    model.forward = functools.partial(torch.compile(_forward, **options), model)
+    return model
 
 
 def compiled_extras(choice: OptimizerChoice) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from tasks import TaskConfig
 
 from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
-from .steps import StepRoute, compiled_extras, double_backward_error, world_and_rank
+from .steps import StepRoute, compile_in_place, compiled_extras, double_backward_error, world_and_rank
 from .timing import Clock, PeakMemory, attribute_hvp_cost, summarise_timings
 
 __all__ = ["Cell", "RunResult", "train", "DIVERGENCE_FACTOR", "is_diverged", "out_of_memory"]
@@ -119,7 +119,7 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
     problem = tasks.build_task(task, config)
     extra: dict[str, Any] = {} if lr is None else {"lr": lr}
     if compile:
-        problem.model.compile()      # in place: the task's loss and evaluation run the compiled module
+        compile_in_place(problem.model)     # the task's loss and evaluation run the compiled module
         extra.update(compiled_extras(choice))
     opt = choice.create(problem.model.parameters(), task=task, seed=seed, **extra)
     route = StepRoute(problem, opt, choice, accumulate=accumulate, stop=stop)

@@ -58,3 +58,18 @@ def test_exact_products_on_a_compiled_model_fail_in_one_line(tmp_path):
 def test_compile_for_first_order_optimizers_keeps_them_as_they_are():
     r = train("mnist", "adam", seed=0, steps=3, task_config=CFG, eval_every=3, compile=True)
     assert r.status == "ok" and r.summary["compiled"] and r.summary["hvp_method"] == ""
+
+
+def test_the_mlp_is_really_compiled():
+    """The MNIST MLP is an nn.Sequential, whose forward is torch's own: compiling it in place must still
+    put its forward and backward through the compiled graph, not run eager without a word."""
+    import tasks
+    from bench.steps import compile_in_place
+    problem = tasks.build_task("mnist", CFG)
+    compile_in_place(problem.model)
+    loss = problem.loss(next(problem.batches))     # cross-entropy, eager, over the compiled model's output
+    node, names = loss.grad_fn, set()
+    while node is not None and len(names) < 50:
+        names.add(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert "CompiledFunctionBackward" in names, names

@@ -168,3 +168,12 @@ def test_sweep_grid_and_best():
     best = best_lrs(summary).set_index("lr")
     assert best.loc[0.1, "mean_final_loss"] == 3.0 and math.isinf(best.loc[3.0, "mean_final_loss"])
     assert best["best"].tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"a string"', "{not json"])
+def test_resume_with_a_meta_json_that_is_not_an_object_is_one_error_naming_it(tmp_path, text):
+    run_benchmark(config(tmp_path, optimizers=["adam"], seeds=1, steps=2))
+    (tmp_path / "r" / "meta.json").write_text(text)
+    with pytest.raises(BenchError, match=r"meta\.json"):
+        run_benchmark(config(tmp_path, optimizers=["adam", "sgd"], seeds=1, steps=2, resume=True))
+    assert (tmp_path / "r" / "meta.json").read_text() == text

@@ -241,7 +241,7 @@ def test_folder_given_twice_is_read_once(tmp_path, spelling):
         os.symlink(d, other)
     with pytest.warns(ResultsWarning, match="is given more than once") as caught:
         results = load_results([d, other])
-    assert len(caught) == 1
+    assert len([w for w in caught if w.category is ResultsWarning]) == 1   # pandas < 2.0.2 adds numpy's own
     assert len(results.summary) == 7 and len(results.metrics) == len(frames()[0]) and len(results.metas) == 1
 
 
@@ -250,7 +250,7 @@ def test_same_cells_in_two_folders_are_counted_once(tmp_path):
     copy = shutil.copytree(d, tmp_path / "copy")
     with pytest.warns(ResultsWarning, match=r"7 cell\(s\) of .*copy") as caught:
         results = load_results([d, copy])
-    assert len(caught) == 1
+    assert len([w for w in caught if w.category is ResultsWarning]) == 1   # pandas < 2.0.2 adds numpy's own
     assert len(results.summary) == 7 and set(results.summary["result_dir"]) == {str(d)}
     assert len(results.metrics) == len(frames()[0]) and set(results.metrics["result_dir"]) == {str(d)}
 
