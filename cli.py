@@ -239,6 +239,8 @@ _Resume = Annotated[Optional[bool], typer.Option("--resume", help="Continue --ou
 _Force = Annotated[Optional[bool], typer.Option(
     "--force", help="Write into an --out folder that holds files esgd-bench did not write.")]
 _Threads = Annotated[Optional[int], typer.Option(help="torch threads of a sequential run. (default: torch's)")]
+_Precision = Annotated[Optional[str], typer.Option(
+    help="fp32, bf16 (forward under autocast) or fp16 (autocast and loss scaling). (default: fp32)")]
 _Option = Annotated[Optional[list[str]], typer.Option(
     "--option", help="Task option key=value (task.key=value for one of several tasks), repeatable.")]
 
@@ -250,7 +252,7 @@ def run(task: Annotated[list[str], typer.Argument(help="Task name(s); several sh
         batch_size: _BatchSize = None, eval_every: _EvalEvery = None, device: _Device = None,
         out: _Out = None, data_dir: _DataDir = None, download: _Download = None, synthetic: _Synthetic = None,
         jobs: _Jobs = None, config: _Config = None, resume: _Resume = None, force: _Force = None,
-        threads: _Threads = None, option: _Option = None,
+        threads: _Threads = None, precision: _Precision = None, option: _Option = None,
         accumulate: Annotated[Optional[int], typer.Option(
             help="Micro-batches per optimizer step (gradient accumulation; --batch-size is the step's).")] = None,
         nproc: Annotated[Optional[int], typer.Option(
@@ -262,7 +264,8 @@ def run(task: Annotated[list[str], typer.Argument(help="Task name(s); several sh
     _execute(dict(tasks=task, optimizers=opt, seeds=seeds, steps=steps, lr=lr, batch_size=batch_size,
                   eval_every=eval_every, device=device, out=out, data_dir=data_dir, download=download,
                   synthetic=synthetic, jobs=jobs, resume=resume, force=force, threads=threads,
-                  options=_parse_options(option), accumulate=accumulate, nproc=nproc, compile=compile),
+                  precision=precision, options=_parse_options(option), accumulate=accumulate, nproc=nproc,
+                  compile=compile),
              config, sweep=False)
 
 
@@ -276,12 +279,12 @@ def sweep(task: Annotated[list[str], typer.Argument(help="Task name(s).")],
           eval_every: _EvalEvery = None, device: _Device = None, out: _Out = None, data_dir: _DataDir = None,
           download: _Download = None, synthetic: _Synthetic = None, jobs: _Jobs = None,
           config: _Config = None, resume: _Resume = None, force: _Force = None, threads: _Threads = None,
-          option: _Option = None) -> None:
+          precision: _Precision = None, option: _Option = None) -> None:
     """Learning-rate sweep: a log-spaced grid per optimizer, best lr by mean final loss over seeds."""
     _execute(dict(tasks=task, optimizers=opt, lrs=_parse_lrs(lrs), seeds=seeds, steps=steps,
                   batch_size=batch_size, eval_every=eval_every, device=device, out=out, data_dir=data_dir,
                   download=download, synthetic=synthetic, jobs=jobs, resume=resume, force=force,
-                  threads=threads, options=_parse_options(option)),
+                  threads=threads, precision=precision, options=_parse_options(option)),
              config, sweep=True)
 
 
@@ -409,7 +412,7 @@ def scale(task: Annotated[str, typer.Argument(help="Base task, e.g. rosenbrock, 
           flat_spread: Annotated[float, typer.Option(
               help="Call a line flat when (max - min) / min(|max|, |min|) of final loss <= this.")] = 0.5,
           device: _Device = None, option: _Option = None, jobs: _Jobs = None, resume: _Resume = None,
-          force: _Force = None, config: _Config = None,
+          force: _Force = None, config: _Config = None, precision: _Precision = None,
           out: Annotated[Optional[Path], typer.Option(
               help="Results folder. (default: results/<task>-loss-x...-<timestamp>)")] = None) -> None:
     """Scale-invariance study: each optimizer at ONE lr on TASK scaled by each factor; final loss vs factor."""
@@ -423,7 +426,7 @@ def scale(task: Annotated[str, typer.Argument(help="Base task, e.g. rosenbrock, 
         from bench.readers import load_results
         factor_list = study.parse_factors(factors)
         settings = dict(optimizers=opt, seeds=seeds, steps=steps, lr=lr, device=device, out=out, jobs=jobs,
-                        resume=resume, force=force, options=_parse_options(option))
+                        resume=resume, force=force, precision=precision, options=_parse_options(option))
         cfg = study.scale_config(task, kind, factor_list, settings,
                                  _read_config(config) if config else None, config)
         with RichReporter(_stderr()) as reporter:
@@ -492,6 +495,7 @@ def perf(task: Annotated[str, typer.Option(help="mnist, cifar or all.")] = "all"
                                                   "'none' skips it.")] = "110,678,2789",
          memory: Annotated[bool, typer.Option(help="Measure peak memory in fresh processes.")] = True,
          threads: Annotated[Optional[int], typer.Option(help="torch threads. (default: torch's)")] = None,
+         precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (see run --help).")] = "fp32",
          option: _Option = None) -> None:
     """Step cost of ESGD-M (exact, sub-batch and finite-difference HVP), ESGD, SGD and Adam, as ratios."""
     names = ["mnist", "cifar"] if task == "all" else [task]
@@ -514,7 +518,7 @@ def perf(task: Annotated[str, typer.Option(help="mnist, cifar or all.")] = "all"
         from bench.display import perf_table, targets_table
         config = pf.PerfConfig(tasks=names, device=device, out=out, compile=compile, rounds=rounds,
                                batch_size=batch_size, widths=width_list, memory=memory, threads=threads,
-                               options=options)
+                               options=options, precision=precision)
         with console.status("perf") as status:
             path, result = pf.run_perf(config, argv=["esgd-bench"] + sys.argv[1:],
                                        progress=lambda what, i, n: status.update(f"perf: {what} ({i + 1}/{n})"))

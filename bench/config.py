@@ -18,10 +18,11 @@ from typing import Any, Callable, Mapping
 
 import tasks
 from tasks import TaskConfig
+from tasks.base import resolve_options
 
 from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
-from .steps import check_route
+from .steps import check_precision, check_route
 
 __all__ = ["BenchConfig", "make_config", "DEFAULT_OPTIMIZERS", "MAX_CELLS", "resolve_device"]
 
@@ -56,6 +57,8 @@ class BenchConfig:
     nproc: int = 1                        # data-parallel processes
     compile: bool = False
     threads: int | None = None            # torch threads of a sequential run (None: torch's default)
+    precision: str = "fp32"               # fp32, bf16 (autocast) or fp16 (autocast and loss scaling)
+    snapshot_every: float = 60.0          # seconds between a running cell's snapshots; 0: none
 
     def task_config(self, task: str, seed: int = 0) -> TaskConfig:
         return TaskConfig(seed=seed, device=self.device, batch_size=self.batch_size, data_dir=self.data_dir,
@@ -129,6 +132,19 @@ def _device(name: str, v: Any) -> str:
     return v.lower()
 
 
+def _seconds(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise BenchError(f"{name} must be a number of seconds >= 0, got {v!r}")
+    return float(v)
+
+
+def _precision(name: str, v: Any) -> str:
+    from .steps import PRECISIONS
+    if not isinstance(v, str) or v.lower() not in PRECISIONS:
+        raise BenchError(f"{name} must be one of {', '.join(PRECISIONS)}, got {v!r}")
+    return v.lower()
+
+
 def _options(name: str, v: Any) -> dict[str, Any]:
     if not isinstance(v, Mapping):
         raise BenchError(f"{name} must be a table of key = value, got {v!r}")
@@ -144,7 +160,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "lrs": _lrs, "sweep": _bool, "batch_size": _int(1), "eval_every": _int(1), "device": _device,
     "out": _path, "data_dir": _path, "download": _bool, "synthetic": _bool, "jobs": _int(1),
     "resume": _bool, "force": _bool, "options": _options, "accumulate": _int(1), "nproc": _int(1),
-    "compile": _bool, "threads": _int(1),
+    "compile": _bool, "threads": _int(1), "precision": _precision, "snapshot_every": _seconds,
 }
 KEYS = tuple(_CHECKS)
 
@@ -222,11 +238,18 @@ def _split_options(options: Mapping[str, Any], task_names: tuple[str, ...]) -> d
                                  f"(scope it as TASK.{key}=...)")
             for t in takers:
                 per[t][key] = value
+    # Typed as the task reads them ("8" from the command line is 8), so settings compare equal on --resume.
+    for t, given in per.items():
+        declared = tasks.get_task(t).options
+        if declared and given:
+            resolved = resolve_options(t, declared, given)
+            per[t] = {k: resolved[k] for k in given}
     return per
 
 
 def _check_together(c: BenchConfig, where: Mapping[str, str]) -> None:
     cpus = os.cpu_count() or 1
+    check_precision(c.precision, c.device)
     if c.nproc > 1 and c.jobs > 1:
         raise BenchError("--nproc and --jobs cannot be combined: each cell already uses --nproc processes")
     if c.nproc > 1 and c.compile:
@@ -245,7 +268,7 @@ def _check_together(c: BenchConfig, where: Mapping[str, str]) -> None:
     for choice in c.optimizers:
         if c.sweep and choice.lr is not None:
             raise BenchError(f"sweep: {choice.label!r} fixes lr, which the sweep varies")
-        check_route(choice, accumulate=c.accumulate, world=c.nproc, compile=c.compile)
+        check_route(choice, accumulate=c.accumulate, world=c.nproc, compile=c.compile, precision=c.precision)
         method = choice.given.get("hvp_method", "autograd")
         if c.compile and choice.second_order and method == "autograd" and "hvp_method" in choice.given:
             raise BenchError(f"{choice.label}: a compiled model cannot be differentiated twice; with "

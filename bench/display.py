@@ -97,7 +97,11 @@ def summary_table(summary: pd.DataFrame) -> list[Table]:
     tables = []
     for task, rows in agg.groupby("task", sort=False):
         metric = rows["eval_metric"].iloc[0]
-        table = Table(title=f"{task}: mean ± std over seeds (ok runs)", box=box.SIMPLE_HEAD, pad_edge=False)
+        precisions = set(summary.loc[summary["task"] == task, "precision"].dropna()) \
+            if "precision" in summary else set()
+        shown = f" ({', '.join(sorted(precisions))})" if precisions - {"fp32"} else ""
+        table = Table(title=f"{task}{shown}: mean ± std over seeds (ok runs)", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
         for col in ("optimizer", "lr", "ok", "final loss", metric, "step ms", "HVP ms", "wall s", "peak MB"):
             table.add_column(col, justify="left" if col == "optimizer" else "right")
         for r in rows.to_dict("records"):
@@ -131,7 +135,9 @@ def perf_table(table: pd.DataFrame) -> list[Table]:
     tables = []
     tasks_part = table[table["section"] == "task"]
     for (task, mode), g in tasks_part.groupby(["task", "mode"], sort=False):
-        t = Table(title=f"{task} ({mode}, {int(g['params'].iloc[0]):,} params, batch {int(g['batch_size'].iloc[0])}, "
+        precision = g["precision"].iloc[0] if "precision" in g else "fp32"
+        t = Table(title=f"{task} ({mode}, {precision}, {int(g['params'].iloc[0]):,} params, "
+                        f"batch {int(g['batch_size'].iloc[0])}, "
                         f"{int(g['threads'].iloc[0])} threads; medians of {int(g['rounds'].iloc[0])} rounds)")
         for col in ("optimizer", "HVP route", "fwd+bwd ms", "update ms", "update / Adam", "HVP step ms",
                     "HVP = grad evals", "HVP FLOPs = grad evals", "amortised ms", "amortised / Adam",

@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import queue as _queue
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -46,23 +47,38 @@ OnResult = Callable[[Cell, RunResult], None]
 
 
 class StopSignals:
-    """While active (in the main thread), SIGINT and SIGTERM raise ``KeyboardInterrupt`` once; later
-    signals are only recorded, so the writes that keep what was logged are not cut short.  Inside
-    :meth:`deferred` the first signal waits for the end of the block (a cell's files are written whole).
-    ``received`` is the first signal's number (``None`` if none came)."""
+    """SIGINT and SIGTERM handling for the process that runs a grid (installed in the main thread only).
+
+    Cooperative (a grid whose cells poll :meth:`requested` between steps): the first signal is recorded
+    and the running cells end after their current step, as ``interrupted``, with a snapshot to continue
+    from; a second signal raises ``KeyboardInterrupt`` at once.  Not cooperative: the first signal
+    raises.  Inside :meth:`deferred` a raise waits for the end of the block, so a cell's files are
+    written whole.  ``received`` is the first signal's number (``None`` if none came).
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, cooperative: bool = False) -> None:
+        self.cooperative = cooperative
         self.received: int | None = None
+        self._count = 0
         self._saved: dict[int, Any] = {}
         self._deferring = False
         self._pending = False
 
+    def requested(self) -> bool:
+        return self.received is not None
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
+        self._count += 1
+        if self.received is None:
+            self.received = signum
+        if self._count > 1 + self.cooperative:      # already raising: let the writes finish
             return
-        self.received = signum
+        if self.cooperative and self._count == 1:
+            sys.stderr.write("stopping: the running cells end after their current step "
+                             "(signal again to stop at once)\n")
+            return
         if self._deferring:
             self._pending = True
             return
@@ -118,9 +134,11 @@ def error_result(cell: Cell, error: str) -> RunResult:
 
 
 class Executor:
-    """Runs cells; returns True when it was stopped (the stopped cells are reported as interrupted)."""
+    """Runs cells; returns True when it was stopped (the stopped cells are reported as interrupted).
+    ``stop()`` is polled between steps: once it is true the running cells end after their step."""
 
-    def run(self, cells: Sequence[Cell], progress: OnProgress, result: OnResult) -> bool:
+    def run(self, cells: Sequence[Cell], progress: OnProgress, result: OnResult,
+            stop: Callable[[], bool] = lambda: False) -> bool:
         raise NotImplementedError
 
 
@@ -128,13 +146,17 @@ class Sequential(Executor):
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
 
-    def run(self, cells: Sequence[Cell], progress: OnProgress, result: OnResult) -> bool:
+    def run(self, cells: Sequence[Cell], progress: OnProgress, result: OnResult,
+            stop: Callable[[], bool] = lambda: False) -> bool:
         before = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
         try:
             for cell in cells:
-                res = cell.run(progress=Throttle(lambda s, loss, c=cell: progress(c, s, loss), cell.steps))
+                if stop():
+                    return True
+                res = cell.run(progress=Throttle(lambda s, loss, c=cell: progress(c, s, loss), cell.steps),
+                               stop=stop)
                 result(cell, res)
                 if res.status == "interrupted":
                     return True
@@ -175,13 +197,14 @@ class Pool(Executor):
         self.jobs = jobs
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
 
-    def run(self, cells: Sequence[Cell], progress: OnProgress, result: OnResult) -> bool:
+    def run(self, cells: Sequence[Cell], progress: OnProgress, result: OnResult,
+            stop: Callable[[], bool] = lambda: False) -> bool:
         # torch._dynamo is imported lazily by the first optimizer constructed (seconds): once, here.
         ctx = process_context(["bench.train", "torch._dynamo"])
-        queue, stop = ctx.Queue(), ctx.Event()
+        queue, event = ctx.Queue(), ctx.Event()
         stopped = False
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(queue, stop, self.threads), max_tasks_per_child=1) as pool:
+                                 initargs=(queue, event, self.threads), max_tasks_per_child=1) as pool:
             futures: dict[Future, Cell] = {pool.submit(_worker_run, i, c): c for i, c in enumerate(cells)}
             pending = set(futures)
 
@@ -204,15 +227,21 @@ class Pool(Executor):
                         res = error_result(futures[fut], f"{type(err).__name__}: {err}")
                     result(futures[fut], res)
                     stopped |= res.status == "interrupted"
+                stopped |= event.is_set()
 
             try:
                 while pending:
+                    if stop() and not event.is_set():
+                        event.set()         # the running cells end after their step
+                        for fut in pending:
+                            fut.cancel()    # the ones not started yet do not start
                     done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
                     drain()
                     collect(done)
+                    pending = {f for f in pending if not f.cancelled()}
             except KeyboardInterrupt:
                 stopped = True
-                stop.set()
+                event.set()
                 for fut in pending:
                     fut.cancel()
                 done, _ = wait(pending, timeout=60)
@@ -255,14 +284,15 @@ class Distributed(Executor):
         self.nproc, self.backend = nproc, backend_for(device)
         self.threads = max(1, (os.cpu_count() or 1) // nproc)
 
-    def run(self, cells: Sequence[Cell], progress: OnProgress, result: OnResult) -> bool:
+    def run(self, cells: Sequence[Cell], progress: OnProgress, result: OnResult,
+            stop: Callable[[], bool] = lambda: False) -> bool:
         ctx = mp.get_context("spawn")
-        messages, stop = ctx.Queue(), ctx.Event()
+        messages, event = ctx.Queue(), ctx.Event()
         stopped, fatal, finished = False, None, set()
         with tempfile.TemporaryDirectory(prefix="esgd-bench-dist-") as tmp:
             init = "file://" + os.path.join(tmp, "store")
             procs = [ctx.Process(target=_rank_main, args=(r, self.nproc, self.backend, init, list(cells),
-                                                          self.threads, messages, stop))
+                                                          self.threads, messages, event))
                      for r in range(self.nproc)]
             for p in procs:
                 p.start()
@@ -270,6 +300,8 @@ class Distributed(Executor):
             def pump(deadline: float | None) -> None:
                 nonlocal fatal, stopped
                 while fatal is None and (deadline is None or time.monotonic() < deadline):
+                    if stop():
+                        event.set()         # travels to every rank inside the per-step all-reduce
                     try:
                         msg = messages.get(timeout=0.1)
                     except _queue.Empty:
@@ -293,7 +325,7 @@ class Distributed(Executor):
                     pump(None)
                 except KeyboardInterrupt:
                     stopped = True
-                    stop.set()
+                    event.set()
                     pump(time.monotonic() + 60)
             finally:
                 for p in procs:

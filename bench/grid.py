@@ -11,6 +11,7 @@ computes are the ones it was made with.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import signal
@@ -37,7 +38,7 @@ __all__ = ["Reporter", "BenchResult", "plan_cells", "lr_grid", "best_lrs", "run_
 
 # Settings that change what a cell computes: a resumed folder must have been made with the same ones.
 RESUME_KEYS = ("steps", "batch_size", "eval_every", "synthetic", "options", "device", "compile",
-               "accumulate", "nproc", "data_dir", "download")
+               "accumulate", "nproc", "data_dir", "download", "precision")
 
 
 class Reporter:
@@ -86,7 +87,8 @@ def plan_cells(config: BenchConfig) -> list[Cell]:
             for lr in lrs:
                 for seed in range(config.seeds):
                     cells.append(Cell(task, choice, float(lr), seed, steps, config.eval_every,
-                                      config.task_config(task), config.accumulate, config.compile))
+                                      config.task_config(task), config.accumulate, config.compile,
+                                      config.precision))
     return cells
 
 
@@ -175,7 +177,7 @@ def run_benchmark(config: BenchConfig, *, reporter: Reporter | None = None,
     order = [c.key for c in cells]
     out = Path(config.out) if config.out else _default_out(config)
     with ResultsFolder.open(out, resume=config.resume, force=config.force) as folder, \
-            StopSignals() as signals:
+            StopSignals(cooperative=True) as signals:
         old = _check_resume(folder, config, task_meta) if config.resume else {}
         done = {cell_key(*(r[k] for k in ("task", "optimizer", "lr", "seed"))): r
                 for r in folder.summaries() if r["status"] in FINISHED}
@@ -192,8 +194,10 @@ def run_benchmark(config: BenchConfig, *, reporter: Reporter | None = None,
         for cell in cells:
             prev = done.get(cell.key)
             reporter.add(cell, cell.steps, RunResult([], prev, prev["status"]) if prev else None)
-            if prev is None:
-                todo.append(cell)
+            if prev is None:        # an interrupted cell continues from its snapshot, if it has one
+                todo.append(dataclasses.replace(cell, snapshot=str(folder.snapshot_path(cell.key)),
+                                                snapshot_every=config.snapshot_every)
+                            if config.snapshot_every > 0 else cell)
         folder.write_meta(meta)
         folder.rebuild(order)
 
@@ -204,7 +208,7 @@ def run_benchmark(config: BenchConfig, *, reporter: Reporter | None = None,
             reporter.finish(cell, result)
 
         try:
-            stopped = _executor(config).run(todo, reporter.update, record) if todo else False
+            stopped = _executor(config).run(todo, reporter.update, record, signals.requested) if todo else False
         except KeyboardInterrupt:
             stopped = True
         with signals.deferred():

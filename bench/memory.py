@@ -36,7 +36,7 @@ def _status_kb(field: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def probe(task: str, spec: str, config: TaskConfig, steps: int, threads: int,
+def probe(task: str, spec: str, config: TaskConfig, steps: int, threads: int, precision: str = "fp32",
           **extra: Any) -> dict[str, float]:
     """Train ``steps`` steps of ``spec`` on ``task`` in this process and report its peak memory."""
     torch.set_num_threads(threads)
@@ -46,7 +46,7 @@ def probe(task: str, spec: str, config: TaskConfig, steps: int, threads: int,
     torch.manual_seed(config.seed)
     problem = tasks.build_task(task, config)
     opt = choice.create(problem.model.parameters(), task=task, seed=config.seed, lr=_PROBE_LR, **extra)
-    route = StepRoute(problem, opt, choice)
+    route = StepRoute(problem, opt, choice, precision=precision)
     with torch.no_grad():       # load the forward kernels on two rows, so the baseline holds them
         batch = next(problem.batches)
         two = sub_batch(batch, 2 / len(batch[0])) if isinstance(batch, (tuple, list)) else None
@@ -69,8 +69,8 @@ def probe(task: str, spec: str, config: TaskConfig, steps: int, threads: int,
             "graph_left_on_grad": len(leaked)}
 
 
-def peak_memory(jobs: list[tuple[str, str, str, TaskConfig, dict[str, Any]]], steps: int,
-                threads: int) -> dict[tuple[str, str], dict[str, float]]:
+def peak_memory(jobs: list[tuple[str, str, str, TaskConfig, dict[str, Any]]], steps: int, threads: int,
+                precision: str = "fp32") -> dict[tuple[str, str], dict[str, float]]:
     """``{(key, spec): probe result}`` for each ``(key, task, spec, config, extra)``, one fresh process each."""
     from .executors import process_context
     if not jobs:
@@ -81,7 +81,8 @@ def peak_memory(jobs: list[tuple[str, str, str, TaskConfig, dict[str, Any]]], st
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
         for key, task, spec, config, extra in jobs:
             try:
-                out[(key, spec)] = pool.submit(probe, task, spec, config, steps, threads, **extra).result()
+                out[(key, spec)] = pool.submit(probe, task, spec, config, steps, threads, precision,
+                                               **extra).result()
             except Exception as err:   # noqa: BLE001 - a dead probe process: one line, timings kept
                 raise BenchError(f"perf: the peak-memory probe of {spec} on {key} failed "
                                  f"({type(err).__name__}: {err}); the timings are written already") from None

@@ -50,7 +50,7 @@ from .environment import environment, load_average
 from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
 from .memory import peak_memory
-from .steps import StepRoute, compile_in_place, compiled_extras
+from .steps import StepRoute, check_precision, compile_in_place, compiled_extras
 from .store import check_folder, write_csv, write_json
 from .timing import median
 
@@ -96,6 +96,7 @@ class PerfConfig:
     threads: int | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)   # per task, e.g. {"mnist": {"width": 64}}
     variants: Sequence[Variant] = VARIANTS
+    precision: str = "fp32"             # fp32, bf16 or fp16: the forward under autocast (bench.steps)
 
 
 # -- timing ----------------------------------------------------------------------------------------
@@ -130,7 +131,8 @@ def _schedule(variant: Variant) -> dict[str, int]:
 class _Trainer:
     """One variant's model and optimizer, stepping exactly as :func:`bench.train.train` does."""
 
-    def __init__(self, task: str, variant: Variant, config: TaskConfig, compiled: bool) -> None:
+    def __init__(self, task: str, variant: Variant, config: TaskConfig, compiled: bool,
+                 precision: str = "fp32") -> None:
         choice = variant.choice
         self.variant, self.second_order = variant, choice.second_order
         torch.manual_seed(config.seed)
@@ -143,7 +145,7 @@ class _Trainer:
             extra.update(compiled_extras(choice))
         extra.update(_schedule(variant))
         self.opt = choice.create(self.problem.model.parameters(), task=task, seed=config.seed, **extra)
-        self.route = StepRoute(self.problem, self.opt, choice)
+        self.route = StepRoute(self.problem, self.opt, choice, precision=precision)
         self.params = sum(p.numel() for p in self.problem.model.parameters())
 
     def is_hvp(self) -> bool:
@@ -258,6 +260,7 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
     if not any(v.label == "adam" for v in config.variants):
         raise BenchError("perf: the variants must include adam (every ratio is to Adam)")
     device = resolve_device(config.device)
+    check_precision(config.precision, device)
     if config.threads:
         torch.set_num_threads(config.threads)
     threads = torch.get_num_threads()
@@ -285,7 +288,10 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                 for v in config.variants:
                     if compiled and v.route in ("sub-batch", "finite-difference"):
                         continue       # compiled second order is finite differences already
-                    trainers[v.label + ("@compiled" if compiled else "")] = _Trainer(task, v, tcfg, compiled)
+                    if config.precision == "fp16" and v.route == "finite-difference":
+                        continue       # loss scaling is not followed by finite differences
+                    trainers[v.label + ("@compiled" if compiled else "")] = _Trainer(task, v, tcfg, compiled,
+                                                                                     config.precision)
             rounds = config.rounds or _ROUNDS.get(task, 12)
             summary = _summarise(_measure(trainers, rounds, config.warmup_cycles +
                                           (2 if config.compile else 0)))
@@ -299,14 +305,14 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                              "hvp_route": t.variant.route if not mode or not t.second_order else
                              "finite-difference", "params": t.params,
                              "batch_size": config.batch_size or tasks.get_task(task).default_batch_size,
-                             "threads": threads, "rounds": rounds, **s})
+                             "threads": threads, "rounds": rounds, "precision": config.precision, **s})
             for t in trainers.values():
                 t.close()
             del trainers
             gc.collect()
             if config.memory:
                 memory_jobs += [(task, task, v.spec, tcfg, _schedule(v)) for v in config.variants
-                                if v.label in MEMORY_VARIANTS]
+                                if v.label in MEMORY_VARIANTS and v.label in summary]
             unit += 1
 
         if config.widths:
@@ -314,7 +320,7 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
             for w in config.widths:
                 tcfg = TaskConfig(seed=0, device=device, batch_size=config.batch_size, synthetic=True,
                                   options={"width": w})
-                trainers = {v.label: _Trainer("mnist", v, tcfg, False)
+                trainers = {v.label: _Trainer("mnist", v, tcfg, False, config.precision)
                             for v in config.variants if v.label in SWEEP_VARIANTS}
                 summary = _summarise(_measure(trainers, max(3, (config.rounds or 12) // 4), 1))
                 for label, s in summary.items():
@@ -322,7 +328,8 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                     rows.append({"section": "sweep", "task": f"mlp-{w}", "mode": "eager", "optimizer": label,
                                  "hvp_route": t.variant.route, "params": t.params,
                                  "batch_size": config.batch_size or tasks.get_task("mnist").default_batch_size,
-                                 "threads": threads, "rounds": max(3, (config.rounds or 12) // 4), **s,
+                                 "threads": threads, "rounds": max(3, (config.rounds or 12) // 4),
+                                 "precision": config.precision, **s,
                                  "us_per_kparam": s["amortised_ms"] * 1e3 / (t.params / 1e3)})
                     if config.memory and label in ("esgd-m", "adam"):
                         memory_jobs.append((f"mlp-{w}", "mnist", t.variant.spec, tcfg, _schedule(t.variant)))
@@ -338,7 +345,7 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
             "seconds": round(time.time() - started, 1), "device": device, "threads": threads,
             "load_average_start": load_start, "load_average_end": load_average(),
             "config": {**{k: getattr(config, k) for k in ("tasks", "compile", "rounds", "warmup_cycles",
-                                                            "batch_size", "memory", "options")},
+                                                            "batch_size", "memory", "options", "precision")},
                        "widths": list(config.widths),
                        "variants": [dataclasses.asdict(v) for v in config.variants]},
             "method": __doc__.split("\n\n", 1)[1].strip(), "hvp_every": HVP_EVERY, "cycle": _CYCLE,
@@ -353,7 +360,7 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
     write()      # the timings are kept even if a memory probe fails
     if config.memory:
         say("peak memory (fresh processes)")
-        mem = peak_memory(memory_jobs, steps=2 * _CYCLE, threads=threads)
+        mem = peak_memory(memory_jobs, steps=2 * _CYCLE, threads=threads, precision=config.precision)
         for row in rows:
             if row["mode"] != "eager":
                 continue

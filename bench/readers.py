@@ -80,6 +80,12 @@ def _load_folder(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return summary, metrics
 
 
+def _keys(frame: pd.DataFrame) -> list[tuple]:
+    """Each row's cell, with its precision: the same cell in fp32 and bf16 is two results."""
+    precision = frame["precision"].fillna("fp32").astype(str) if "precision" in frame else ["fp32"] * len(frame)
+    return [cell_key(*k) + (p,) for k, p in zip(frame[CELL_KEY].itertuples(index=False), precision)]
+
+
 def load_results(folders: Sequence[str | os.PathLike]) -> Results:
     """Read one or more results folders; a folder given twice and a cell found in several folders are
     each counted once (with a warning), since they would otherwise pass for extra seeds."""
@@ -96,7 +102,7 @@ def load_results(folders: Sequence[str | os.PathLike]) -> Results:
     for folder in unique.values():
         summary, metric = _load_folder(folder)
         meta = load_meta(folder) if (folder / "meta.json").is_file() else {}
-        keys = [cell_key(*k) for k in summary[CELL_KEY].itertuples(index=False)]
+        keys = _keys(summary)
         dup = [k in seen for k in keys]
         if any(dup):
             warnings.warn(f"{sum(dup)} cell(s) of {folder} (same task, optimizer, lr and seed) are also in "
@@ -104,8 +110,7 @@ def load_results(folders: Sequence[str | os.PathLike]) -> Results:
                           ResultsWarning, stacklevel=2)
             drop = {k for k, d in zip(keys, dup) if d}
             summary = summary[[not d for d in dup]]
-            mkeys = [cell_key(*k) for k in metric[CELL_KEY].itertuples(index=False)]
-            metric = metric[[k not in drop for k in mkeys]]
+            metric = metric[[k not in drop for k in _keys(metric)]]
         seen.update(keys)
         summaries.append(summary.assign(result_dir=str(folder)))
         metrics.append(metric.assign(result_dir=str(folder)))

@@ -19,6 +19,12 @@ is what is trained.  The routes:
 
 The batch size stays the global, per-optimizer-step batch, so every combination sees the same data and,
 to float rounding, takes the same steps as one process with one batch.
+
+Every route runs in one of three precisions (:data:`PRECISIONS`): ``fp32``; ``bf16``, the forward (and so
+the graph the products are taken through) under ``torch.autocast`` with bfloat16; ``fp16``, the same with
+float16 and a ``torch.amp.GradScaler``, whose scale the esgd optimizers take out of the gradient and of
+the product themselves, skipping a step whose gradients overflowed.  Parameters and optimizer state stay
+in float32.
 """
 
 from __future__ import annotations
@@ -41,9 +47,36 @@ from .errors import BenchError
 from .optimizers import OptimizerChoice, needs_create_graph
 
 __all__ = ["StepRoute", "DDPRoute", "split_batch", "sub_batch", "world_and_rank", "backend_for",
-           "check_route", "compile_in_place", "compiled_extras", "double_backward_error"]
+           "check_route", "check_precision", "autocast", "compile_in_place", "compiled_extras",
+           "double_backward_error", "PRECISIONS"]
 
 FINITE_DIFFERENCE = "finite-difference"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """The forward's context for ``precision``: ``torch.autocast`` for bf16 and fp16, nothing for fp32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def check_precision(precision: str, device: str) -> None:
+    """Refuse a precision that is unknown or that this torch cannot run on ``device``, in one line."""
+    if precision not in PRECISIONS:
+        raise BenchError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if PRECISIONS[precision] is None:
+        return
+    try:
+        with autocast(precision, device):
+            x = torch.ones(2, 2, device=device, requires_grad=True)
+            (x @ x).sum().backward()
+        if precision == "fp16":
+            torch.amp.GradScaler(torch.device(device).type)
+    except (RuntimeError, AttributeError, TypeError, ValueError) as err:
+        raise BenchError(f"--precision {precision} is not supported on {device} by torch {torch.__version__} "
+                         f"({' '.join(str(err).split())[:120]})") from None
 
 
 def world_and_rank() -> tuple[int, int]:
@@ -101,11 +134,21 @@ def sub_batch(batch: Any, fraction: float) -> Any:
 
 
 def check_route(choice: OptimizerChoice, *, accumulate: int = 1, world: int = 1, compile: bool = False,
-                hvp_method: str | None = None) -> None:
+                hvp_method: str | None = None, precision: str = "fp32") -> None:
     """Refuse a choice whose loop options do not fit the route: the sub-batch estimate takes one
     exact product of part of one batch, so it cannot be combined with micro-batches, ranks or finite
-    differences (a compiled model gets those)."""
+    differences (a compiled model gets those); fp16's loss scaling and finite differences are not
+    combined either."""
     method = hvp_method or choice.given.get("hvp_method", "autograd")
+    if compile and choice.second_order and "hvp_method" not in choice.given:
+        method = FINITE_DIFFERENCE
+    if precision == "fp16" and choice.second_order and method == FINITE_DIFFERENCE:
+        raise BenchError(f"{choice.label}: --precision fp16 scales the loss, which the finite-difference "
+                         "product does not follow; use bf16, or the exact product without --compile")
+    if precision == "fp16" and choice.second_order \
+            and not getattr(choice.spec.factory, "_step_supports_amp_scaling", False):
+        raise BenchError(f"{choice.label}: --precision fp16 needs an optimizer that takes the loss scale out "
+                         "of its Hessian-vector products itself (_step_supports_amp_scaling); use bf16")
     if choice.second_order and choice.hvp_fraction < 1 and (accumulate > 1 or world > 1 or compile
                                                             or method != "autograd"):
         raise BenchError(f"{choice.label}: hvp_fraction < 1 needs the exact product (hvp_method="
@@ -160,14 +203,17 @@ class StepRoute:
     """
 
     def __init__(self, problem: Problem, opt: torch.optim.Optimizer, choice: OptimizerChoice, *,
-                 accumulate: int = 1, stop: Callable[[], bool] | None = None) -> None:
+                 accumulate: int = 1, stop: Callable[[], bool] | None = None, precision: str = "fp32") -> None:
         self.problem, self.opt, self.accumulate, self.stop = problem, opt, accumulate, stop
         self.second_order = choice.second_order
         self.fraction = choice.hvp_fraction if self.second_order else 1.0
         self.world, self.rank = world_and_rank()
         self.finite_difference = self.second_order and getattr(opt, "hvp_method", "") == FINITE_DIFFERENCE
-        check_route(choice, accumulate=accumulate, world=self.world, hvp_method=getattr(opt, "hvp_method", None))
+        check_route(choice, accumulate=accumulate, world=self.world, hvp_method=getattr(opt, "hvp_method", None),
+                    precision=precision)
         self.device = next(problem.model.parameters()).device
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.route: DDPRoute | None = None
         if accumulate * self.world > 1:      # a batch that does not split is an input error, up front
             first = next(problem.batches)
@@ -207,19 +253,27 @@ class StepRoute:
         self._loss = loss
         return loss
 
+    def _forward_loss(self, batch: Any) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            return self.problem.loss(batch)
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss the backward starts from: times the GradScaler's scale under fp16."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
     def _simple(self, batch: Any) -> torch.Tensor:
         problem, opt = self.problem, self.opt
-        loss = problem.loss(batch)
+        loss = self._forward_loss(batch)
         graph = self.second_order and needs_create_graph(opt, True)
         part = sub_batch(batch, self.fraction) if graph else None
         if part is None:
-            loss.backward(create_graph=graph)
+            self._scaled(loss).backward(create_graph=graph)
             return loss
-        loss.backward()
+        self._scaled(loss).backward()
         # The extra forward must not move the model's buffers (BatchNorm's running statistics).
         buffers = [(b, b.detach().clone()) for b in problem.model.buffers()]
         try:
-            opt.accumulate_hvp(problem.loss(part))
+            opt.accumulate_hvp(self._scaled(self._forward_loss(part)))
         finally:
             with torch.no_grad():
                 for b, saved in buffers:
@@ -236,20 +290,24 @@ class StepRoute:
             sync = self.route.ddp.no_sync() if self.route is not None and k < k_parts - 1 \
                 else contextlib.nullcontext()
             with sync:
-                loss = self.problem.loss(part)
+                loss = self._forward_loss(part)
                 loss = loss / k_parts if k_parts > 1 else loss
-                loss.backward(create_graph=exact and self.route is None)
+                self._scaled(loss).backward(create_graph=exact and self.route is None)
             if exact and self.route is None:
                 opt.accumulate_hvp()          # frees this micro-batch's double-backward graph
             elif exact:
                 with self.route.local():      # this rank's product; hvp_reduce averages it in step()
-                    local = self.problem.loss(part)
-                opt.accumulate_hvp(local / k_parts if k_parts > 1 else local)
+                    local = self._forward_loss(part)
+                opt.accumulate_hvp(self._scaled(local / k_parts if k_parts > 1 else local))
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
     def step(self) -> None:
         opt = self.opt
+        if self.scaler is not None:      # skips a step whose gradients overflowed, then adapts the scale
+            self.scaler.step(opt)
+            self.scaler.update()
+            return
         if not (self.finite_difference and opt.is_hvp_step()):
             opt.step()
             return

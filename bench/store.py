@@ -41,11 +41,11 @@ __all__ = ["METRICS_COLUMNS", "SUMMARY_COLUMNS", "CELL_KEY", "STATUSES", "FINISH
 
 # The column contract (eval_<key> columns follow METRICS_COLUMNS, one per key of the task's evaluate()).
 METRICS_COLUMNS = ["task", "optimizer", "lr", "seed", "step", "wall_time_s", "loss", "is_hvp_step",
-                   "step_ms", "data_ms", "fwd_bwd_ms", "hvp_ms", "update_ms"]
+                   "step_ms", "data_ms", "fwd_bwd_ms", "hvp_ms", "update_ms", "precision"]
 SUMMARY_COLUMNS = ["task", "optimizer", "opt_name", "lr", "seed", "steps", "final_loss", "eval_metric",
                    "eval_value", "wall_time_s", "step_time_ms", "fwd_bwd_time_ms", "update_time_ms",
                    "hvp_time_ms", "mean_step_ms", "hvp_steps", "peak_mem_mb", "status", "data_source",
-                   "synthetic", "device", "error"]
+                   "synthetic", "device", "precision", "error"]
 CELL_KEY = ["task", "optimizer", "lr", "seed"]          # what identifies one cell of a grid
 STATUSES = ("ok", "diverged", "interrupted", "error")
 FINISHED = ("ok", "diverged")       # --resume keeps these; a diverged run is a result, not a failure
@@ -283,6 +283,10 @@ class ResultsFolder:
         stem = _cell_file_stem(cell_key(*(summary[k] for k in CELL_KEY)))
         write_csv(metrics_frame(rows) if rows else metrics_frame([]), self.cells / f"{stem}.csv")
         write_json({"format": FORMAT, "written": time.time(), "summary": summary}, self.cells / f"{stem}.json")
+
+    def snapshot_path(self, key: tuple) -> Path:
+        """Where a running cell keeps its snapshot (removed when the cell ends other than interrupted)."""
+        return self.cells / f"{_cell_file_stem(cell_key(*key))}.snapshot"
 
     def summaries(self) -> list[dict[str, Any]]:
         """The summary row of every cell in the folder."""

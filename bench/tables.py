@@ -40,7 +40,8 @@ TABLE_SUFFIXES = (".csv", ".md")
 
 def add_labels(metrics: pd.DataFrame, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Give both frames a ``label`` column: the optimizer, plus its lr where one (task, optimizer) was
-    run at several learning rates (a sweep), so that different lrs are never averaged together."""
+    run at several learning rates (a sweep), so that different lrs are never averaged together, and its
+    precision when it is not fp32 (``esgd-m [bf16]``)."""
     multi: set[tuple[str, str]] = set()
     if "lr" in summary:
         counts = summary.groupby(["task", "optimizer"])["lr"].nunique()
@@ -48,11 +49,11 @@ def add_labels(metrics: pd.DataFrame, summary: pd.DataFrame) -> tuple[pd.DataFra
 
     def label(df: pd.DataFrame) -> pd.DataFrame:
         df = df.copy()
-        if not multi or "lr" not in df:
-            df["label"] = df["optimizer"].astype(str)
-        else:
-            df["label"] = [f"{o} (lr {float(lr):g})" if (t, o) in multi else str(o)
-                           for t, o, lr in zip(df["task"], df["optimizer"], df["lr"])]
+        lrs = df["lr"] if "lr" in df else [None] * len(df)
+        precisions = df["precision"].fillna("fp32").astype(str) if "precision" in df else ["fp32"] * len(df)
+        df["label"] = [str(o) + (f" (lr {float(lr):g})" if (t, o) in multi else "")
+                       + (f" [{p}]" if p != "fp32" else "")
+                       for t, o, lr, p in zip(df["task"], df["optimizer"], lrs, precisions)]
         return df
     return label(metrics), label(summary)
 

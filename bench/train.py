@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -28,9 +29,11 @@ import tasks
 from esgd import DoubleBackwardUnsupportedError
 from tasks import TaskConfig
 
+from .checkpoint import Snapshots, capture_rng, restore_rng
 from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
-from .steps import StepRoute, compile_in_place, compiled_extras, double_backward_error, world_and_rank
+from .steps import (StepRoute, autocast, check_precision, compile_in_place, compiled_extras, double_backward_error,
+                    world_and_rank)
 from .timing import Clock, PeakMemory, attribute_hvp_cost, summarise_timings
 
 __all__ = ["Cell", "RunResult", "train", "DIVERGENCE_FACTOR", "is_diverged", "out_of_memory"]
@@ -59,6 +62,9 @@ class Cell:
     task_config: TaskConfig = TaskConfig()
     accumulate: int = 1
     compile: bool = False
+    precision: str = "fp32"
+    snapshot: str | None = None           # where the cell keeps its snapshot (bench.checkpoint)
+    snapshot_every: float = 60.0          # seconds between snapshots
 
     @property
     def key(self) -> tuple:
@@ -67,7 +73,8 @@ class Cell:
     def run(self, progress: Progress | None = None, stop: Callable[[], bool] | None = None) -> RunResult:
         return train(self.task, self.optimizer, seed=self.seed, steps=self.steps, lr=self.lr,
                      task_config=self.task_config, eval_every=self.eval_every, accumulate=self.accumulate,
-                     compile=self.compile, progress=progress, stop=stop)
+                     compile=self.compile, precision=self.precision, progress=progress, stop=stop,
+                     snapshot=self.snapshot, snapshot_every=self.snapshot_every)
 
 
 def is_diverged(loss: float, first: float) -> bool:
@@ -89,8 +96,9 @@ def out_of_memory(err: BaseException) -> bool:
 
 def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: int | None = None,
           lr: float | None = None, task_config: TaskConfig | None = None, eval_every: int | None = None,
-          accumulate: int = 1, compile: bool = False, progress: Progress | None = None,
-          stop: Callable[[], bool] | None = None) -> RunResult:
+          accumulate: int = 1, compile: bool = False, precision: str = "fp32",
+          progress: Progress | None = None, stop: Callable[[], bool] | None = None,
+          snapshot: str | os.PathLike | None = None, snapshot_every: float = 60.0) -> RunResult:
     """Train ``optimizer`` on ``task`` for ``steps`` steps (default: the task's).
 
     The learning rate is ``lr``, else the choice's own (``adam:lr=3e-4``), else the registry's default
@@ -99,8 +107,13 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
     regions; ``stop()`` is polled once per step and ends the run as ``interrupted``, as does a
     ``KeyboardInterrupt``.  Inside a ``torch.distributed`` group each rank trains on its shard of the
     batch (rank 0 evaluates); ``compile`` compiles the model in place, and second-order optimizers then
-    take finite-difference products.  Task and optimizer construction errors propagate; a model that
-    cannot be differentiated twice raises :class:`esgd.DoubleBackwardUnsupportedError`.
+    take finite-difference products.  ``precision`` (``fp32``, ``bf16``, ``fp16``) runs the forward,
+    and the evaluation, under autocast (with loss scaling for fp16; see :mod:`bench.steps`).  With
+    ``snapshot`` (a file path) the run saves its state there every ``snapshot_every`` seconds and when
+    ``stop()`` ends it, continues from it when it is found at the start, and removes it when the run
+    ends otherwise (on one process; see :mod:`bench.checkpoint`).  Task and optimizer construction
+    errors propagate; a model that cannot be differentiated twice raises
+    :class:`esgd.DoubleBackwardUnsupportedError`.
     """
     choice = parse_optimizer(optimizer)
     spec_task = tasks.get_task(task)
@@ -112,6 +125,7 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
             raise BenchError(f"{what} must be a positive integer, got {value!r}")
     if compile and world_and_rank()[0] > 1:
         raise BenchError("--compile together with --nproc > 1 is not supported")
+    check_precision(precision, (task_config or TaskConfig()).device)
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -122,17 +136,39 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
         compile_in_place(problem.model)     # the task's loss and evaluation run the compiled module
         extra.update(compiled_extras(choice))
     opt = choice.create(problem.model.parameters(), task=task, seed=seed, **extra)
-    route = StepRoute(problem, opt, choice, accumulate=accumulate, stop=stop)
+    route = StepRoute(problem, opt, choice, accumulate=accumulate, stop=stop, precision=precision)
     head = {"task": task, "optimizer": choice.label, "lr": float(opt.param_groups[0]["lr"]), "seed": seed}
     clock, memory = Clock(config.device), PeakMemory(config.device)
     rows: list[dict[str, Any]] = []
     evals: dict[str, float] = {}
-    status, error, wall, first = "ok", "", 0.0, None
+    status, error, wall, first, start, drawn = "ok", "", 0.0, None, 1, 0
+    snaps = None
+    if snapshot is not None and route.world == 1:
+        snaps = Snapshots(snapshot, snapshot_every, {**head, "steps": steps, "precision": precision,
+                                                     "accumulate": accumulate, "compile": bool(compile)})
+        saved = snaps.load()
+        if saved is not None:       # continue where the cell was stopped
+            problem.model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            if route.scaler is not None and saved["scaler"] is not None:
+                route.scaler.load_state_dict(saved["scaler"])
+            for _ in range(saved["drawn"]):
+                next(problem.batches)
+            rows, evals, wall, first = saved["rows"], saved["evals"], saved["wall"], saved["first"]
+            start, drawn = saved["step"] + 1, saved["drawn"]
+            restore_rng(saved["rng"], config.device)
+
+    def capture(step: int) -> dict[str, Any]:
+        return {"step": step, "drawn": drawn, "rows": rows, "evals": evals, "wall": wall, "first": first,
+                "model": problem.model.state_dict(), "optimizer": opt.state_dict(),
+                "scaler": route.scaler.state_dict() if route.scaler is not None else None,
+                "rng": capture_rng(config.device)}
 
     def evaluate(row: dict[str, Any]) -> None:
         if route.rank > 0:     # rank 0 evaluates and reports for all ranks
             return
-        evals.update(problem.evaluate())
+        with autocast(precision, config.device):
+            evals.update(problem.evaluate())
         row.update({f"eval_{k}": float(v) for k, v in evals.items()})
 
     memory.reset()
@@ -142,11 +178,14 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
         # them, so the cycle never outlives the step.
         warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
         try:
-            for step in range(1, steps + 1):
+            for step in range(start, steps + 1):
                 if stop is not None and route.world == 1 and stop():
+                    if snaps is not None:
+                        snaps.save(capture(step - 1))
                     raise KeyboardInterrupt
                 t0 = clock()
                 batch = next(problem.batches)
+                drawn += 1
                 t1 = clock()
                 opt.zero_grad(set_to_none=True)
                 hvp_step = route.is_hvp_step()
@@ -162,7 +201,7 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
                 row = {**head, "step": step, "wall_time_s": wall, "loss": value, "is_hvp_step": hvp_step,
                        "step_ms": (t3 - t0) * 1e3, "data_ms": (t1 - t0) * 1e3,
                        "fwd_bwd_ms": (t2 - t1) * 1e3, "hvp_ms": math.nan,
-                       "update_ms": (t3 - t2) * 1e3 if not bad else math.nan}
+                       "update_ms": (t3 - t2) * 1e3 if not bad else math.nan, "precision": precision}
                 rows.append(row)
                 if bad:
                     status = "diverged"
@@ -171,6 +210,8 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
                     evaluate(row)
                 if progress is not None:
                     progress(step, value)
+                if snaps is not None and step < steps:
+                    snaps.maybe_save(lambda: capture(step))
         except KeyboardInterrupt:
             status = "interrupted"
         except (DoubleBackwardUnsupportedError, BenchError):
@@ -185,6 +226,8 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
             evaluate(rows[-1])
         except Exception:   # noqa: BLE001 - a NaN model may not evaluate; the divergence is the result
             pass
+    if snaps is not None and status != "interrupted":
+        snaps.discard()
     attribute_hvp_cost(rows)
     summary = {
         **head, "opt_name": choice.name, "steps": len(rows),
@@ -195,7 +238,8 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
         "status": status, "data_source": problem.data_source, "synthetic": bool(problem.synthetic),
         "device": str(config.device), "error": error,
         "hvp_method": getattr(opt, "hvp_method", "") if choice.second_order else "",
-        "accumulate": accumulate, "world_size": route.world, "compiled": bool(compile),
+        "accumulate": accumulate, "world_size": route.world, "compiled": bool(compile), "precision": precision,
+        "nonfinite_products": int(getattr(opt, "nonfinite_products", 0)),
     }
     route.close()
     return RunResult(rows=rows, summary=summary, status=status)
