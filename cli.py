@@ -170,6 +170,25 @@ def _parse_options(items: list[str] | None) -> dict[str, str] | None:
     return options
 
 
+def _parse_sbatch(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().lstrip("-") or not value.strip():
+            _fail(f"--sbatch expects KEY=VALUE, e.g. constraint=a100, got {item!r}")
+        out[key.strip().lstrip("-")] = value.strip()
+    return out
+
+
+def _cluster(executor, wait, partition, time_min, gpus_per_task, cpus_per_task, mem_gb, account, qos, sbatch,
+             array_parallelism, nodes) -> dict[str, Any]:
+    return dict(executor=executor, wait=wait, partition=partition, time_min=time_min, gpus_per_task=gpus_per_task,
+                cpus_per_task=cpus_per_task, mem_gb=mem_gb, account=account, qos=qos, sbatch=_parse_sbatch(sbatch),
+                array_parallelism=array_parallelism, nodes=nodes)
+
+
 def _parse_lrs(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -180,6 +199,16 @@ def _parse_lrs(text: str | None) -> list[float] | None:
         return [float(x) for x in parts]
     except ValueError:
         _fail(f"--lrs expects comma-separated numbers such as 1e-3,1e-2,1e-1, got {text!r}")
+
+
+def _submitted(result: Any, waited: bool) -> bool:
+    """After a cluster submission: say where the cells went; True when there is nothing more to show."""
+    if not result.submitted:
+        return False
+    ids = ", ".join(dict.fromkeys(str(e["job_id"]).split("_")[0] for e in result.submitted))
+    typer.echo(f"submitted {len(result.submitted)} cell(s) to {result.submitted[0]['executor']} as job {ids}; "
+               f"follow them with: esgd-bench status {result.out}")
+    return not waited
 
 
 def _report_failures(summary: Any, out: Path, sweep: bool) -> None:
@@ -208,6 +237,8 @@ def _execute(given: dict[str, Any], config_file: Optional[Path], sweep: bool) ->
                              sweep=sweep)
         with RichReporter(_stderr(), show_lr=sweep) as reporter:
             result = run_benchmark(config, reporter=reporter, argv=["esgd-bench"] + sys.argv[1:])
+    if _submitted(result, config.wait):
+        return
     out = _stdout()
     for table in summary_table(result.summary):
         out.print(table)
@@ -241,6 +272,22 @@ _Force = Annotated[Optional[bool], typer.Option(
 _Threads = Annotated[Optional[int], typer.Option(help="torch threads of a sequential run. (default: torch's)")]
 _Precision = Annotated[Optional[str], typer.Option(
     help="fp32, bf16 (forward under autocast) or fp16 (autocast and loss scaling). (default: fp32)")]
+_Executor = Annotated[Optional[str], typer.Option(
+    help="local (this process, or --jobs), slurm (one job array through submitit) or submitit-local "
+         "(the same through submitit on this machine).")]
+_Wait = Annotated[Optional[bool], typer.Option(
+    "--wait", help="With slurm or submitit-local: wait for the cells, then show the tables.")]
+_Partition = Annotated[Optional[str], typer.Option(help="Slurm partition.")]
+_TimeMin = Annotated[Optional[int], typer.Option(help="Time limit of one cell's job, minutes. (default: 60)")]
+_GpusPerTask = Annotated[Optional[int], typer.Option(help="GPUs per task (per rank with --nproc).")]
+_CpusPerTask = Annotated[Optional[int], typer.Option(help="CPUs per task; also the task's torch threads.")]
+_MemGb = Annotated[Optional[float], typer.Option(help="Memory per node, GB.")]
+_Account = Annotated[Optional[str], typer.Option(help="Slurm account.")]
+_Qos = Annotated[Optional[str], typer.Option(help="Slurm quality of service.")]
+_Sbatch = Annotated[Optional[list[str]], typer.Option(
+    "--sbatch", help="Any other sbatch option as KEY=VALUE (e.g. constraint=a100), repeatable.")]
+_ArrayParallelism = Annotated[Optional[int], typer.Option(help="The most array tasks running at once.")]
+_Nodes = Annotated[Optional[int], typer.Option(help="Nodes per cell: a --nproc N cell spread over them.")]
 _Option = Annotated[Optional[list[str]], typer.Option(
     "--option", help="Task option key=value (task.key=value for one of several tasks), repeatable.")]
 
@@ -259,13 +306,18 @@ def run(task: Annotated[list[str], typer.Argument(help="Task name(s); several sh
             help="Data-parallel processes (torch.distributed: gloo on CPU, NCCL on GPU; DDP).")] = None,
         compile: Annotated[Optional[bool], typer.Option(
             "--compile", help="torch.compile the model; second-order optimizers use finite-difference "
-                              "Hessian-vector products.")] = None) -> None:
+                              "Hessian-vector products.")] = None,
+        executor: _Executor = None, wait: _Wait = None, partition: _Partition = None, time_min: _TimeMin = None,
+        gpus_per_task: _GpusPerTask = None, cpus_per_task: _CpusPerTask = None, mem_gb: _MemGb = None,
+        account: _Account = None, qos: _Qos = None, sbatch: _Sbatch = None,
+        array_parallelism: _ArrayParallelism = None, nodes: _Nodes = None) -> None:
     """Train optimizers side by side on TASK over several seeds (default: esgd-m, esgd, sgd, adam)."""
     _execute(dict(tasks=task, optimizers=opt, seeds=seeds, steps=steps, lr=lr, batch_size=batch_size,
                   eval_every=eval_every, device=device, out=out, data_dir=data_dir, download=download,
                   synthetic=synthetic, jobs=jobs, resume=resume, force=force, threads=threads,
                   precision=precision, options=_parse_options(option), accumulate=accumulate, nproc=nproc,
-                  compile=compile),
+                  compile=compile, **_cluster(executor, wait, partition, time_min, gpus_per_task, cpus_per_task,
+                                              mem_gb, account, qos, sbatch, array_parallelism, nodes)),
              config, sweep=False)
 
 
@@ -279,12 +331,18 @@ def sweep(task: Annotated[list[str], typer.Argument(help="Task name(s).")],
           eval_every: _EvalEvery = None, device: _Device = None, out: _Out = None, data_dir: _DataDir = None,
           download: _Download = None, synthetic: _Synthetic = None, jobs: _Jobs = None,
           config: _Config = None, resume: _Resume = None, force: _Force = None, threads: _Threads = None,
-          precision: _Precision = None, option: _Option = None) -> None:
+          precision: _Precision = None, option: _Option = None,
+          executor: _Executor = None, wait: _Wait = None, partition: _Partition = None, time_min: _TimeMin = None,
+          gpus_per_task: _GpusPerTask = None, cpus_per_task: _CpusPerTask = None, mem_gb: _MemGb = None,
+          account: _Account = None, qos: _Qos = None, sbatch: _Sbatch = None,
+          array_parallelism: _ArrayParallelism = None, nodes: _Nodes = None) -> None:
     """Learning-rate sweep: a log-spaced grid per optimizer, best lr by mean final loss over seeds."""
     _execute(dict(tasks=task, optimizers=opt, lrs=_parse_lrs(lrs), seeds=seeds, steps=steps,
                   batch_size=batch_size, eval_every=eval_every, device=device, out=out, data_dir=data_dir,
                   download=download, synthetic=synthetic, jobs=jobs, resume=resume, force=force,
-                  threads=threads, precision=precision, options=_parse_options(option)),
+                  threads=threads, precision=precision, options=_parse_options(option),
+                  **_cluster(executor, wait, partition, time_min, gpus_per_task, cpus_per_task, mem_gb, account,
+                             qos, sbatch, array_parallelism, nodes)),
              config, sweep=True)
 
 
@@ -399,6 +457,27 @@ def report(dirs: _Dirs,
     _stdout().print(f"report: {page}")
 
 
+@app.command()
+def status(folder: Annotated[Path, typer.Argument(help="A results folder written by run, sweep or scale.")]) -> None:
+    """The grid at a glance: done, running, queued, failed (with its error and log), diverged."""
+    with _guarded():
+        from bench.status import grid_status, status_counts
+        frame = grid_status(folder)
+    counts = status_counts(frame)
+    shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    _stdout().print(f"{folder}: {len(frame)} cell(s): {shown or 'none planned'}")
+    rest = frame[frame["state"] != "done"]
+    if len(rest):
+        from rich.table import Table
+        table = Table(title="cells not done")
+        for col in ("task", "optimizer", "lr", "seed", "state", "steps", "error", "log"):
+            table.add_column(col, overflow="fold")
+        for r in rest.itertuples(index=False):
+            table.add_row(r.task, r.optimizer, f"{r.lr:g}", str(r.seed), r.state,
+                          "" if r.steps is None or r.steps != r.steps else str(int(r.steps)), r.error, r.log)
+        _stdout().print(table)
+
+
 # -- studies: scale, regress, perf ------------------------------------------------------------------------
 @app.command()
 def scale(task: Annotated[str, typer.Argument(help="Base task, e.g. rosenbrock, quadratic or mnist.")],
@@ -413,6 +492,10 @@ def scale(task: Annotated[str, typer.Argument(help="Base task, e.g. rosenbrock, 
               help="Call a line flat when (max - min) / min(|max|, |min|) of final loss <= this.")] = 0.5,
           device: _Device = None, option: _Option = None, jobs: _Jobs = None, resume: _Resume = None,
           force: _Force = None, config: _Config = None, precision: _Precision = None,
+          executor: _Executor = None, wait: _Wait = None, partition: _Partition = None, time_min: _TimeMin = None,
+          gpus_per_task: _GpusPerTask = None, cpus_per_task: _CpusPerTask = None, mem_gb: _MemGb = None,
+          account: _Account = None, qos: _Qos = None, sbatch: _Sbatch = None,
+          array_parallelism: _ArrayParallelism = None, nodes: _Nodes = None,
           out: Annotated[Optional[Path], typer.Option(
               help="Results folder. (default: results/<task>-loss-x...-<timestamp>)")] = None) -> None:
     """Scale-invariance study: each optimizer at ONE lr on TASK scaled by each factor; final loss vs factor."""
@@ -426,11 +509,15 @@ def scale(task: Annotated[str, typer.Argument(help="Base task, e.g. rosenbrock, 
         from bench.readers import load_results
         factor_list = study.parse_factors(factors)
         settings = dict(optimizers=opt, seeds=seeds, steps=steps, lr=lr, device=device, out=out, jobs=jobs,
-                        resume=resume, force=force, precision=precision, options=_parse_options(option))
+                        resume=resume, force=force, precision=precision, options=_parse_options(option),
+                        **_cluster(executor, wait, partition, time_min, gpus_per_task, cpus_per_task, mem_gb,
+                                   account, qos, sbatch, array_parallelism, nodes))
         cfg = study.scale_config(task, kind, factor_list, settings,
                                  _read_config(config) if config else None, config)
         with RichReporter(_stderr()) as reporter:
             result = run_benchmark(cfg, reporter=reporter, argv=["esgd-bench"] + sys.argv[1:])
+        if _submitted(result, cfg.wait):
+            return
         runs = study.scale_runs(load_results([result.out]))
         paths = study.write_scale_outputs(runs, result.out, flat_spread=flat_spread,
                                           study={"task": task, "kind": kind, "factors": factor_list})

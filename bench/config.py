@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -20,6 +21,7 @@ import tasks
 from tasks import TaskConfig
 from tasks.base import resolve_options
 
+from .cluster import EXECUTORS, ClusterOptions, require_submitit
 from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
 from .steps import check_precision, check_route
@@ -59,6 +61,9 @@ class BenchConfig:
     threads: int | None = None            # torch threads of a sequential run (None: torch's default)
     precision: str = "fp32"               # fp32, bf16 (autocast) or fp16 (autocast and loss scaling)
     snapshot_every: float = 60.0          # seconds between a running cell's snapshots; 0: none
+    executor: str = "local"               # local, slurm or submitit-local (bench.cluster)
+    cluster: ClusterOptions = ClusterOptions()
+    wait: bool = False                    # with a cluster executor: wait for the cells and show the tables
 
     def task_config(self, task: str, seed: int = 0) -> TaskConfig:
         return TaskConfig(seed=seed, device=self.device, batch_size=self.batch_size, data_dir=self.data_dir,
@@ -71,6 +76,7 @@ class BenchConfig:
         data["optimizers"] = [c.label for c in self.optimizers]
         data["tasks"], data["lrs"] = list(self.tasks), list(self.lrs) if self.lrs is not None else None
         data["options"] = {t: dict(o) for t, o in self.options.items()}
+        data["cluster"] = dataclasses.asdict(self.cluster)
         for key in ("out", "data_dir"):
             data[key] = str(data[key]) if data[key] is not None else None
         return data
@@ -138,6 +144,25 @@ def _seconds(name: str, v: Any) -> float:
     return float(v)
 
 
+def _executor(name: str, v: Any) -> str:
+    if not isinstance(v, str) or v.lower() not in EXECUTORS:
+        raise BenchError(f"{name} must be one of {', '.join(EXECUTORS)}, got {v!r}")
+    return v.lower()
+
+
+def _text(name: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise BenchError(f"{name} must be a non-empty text, got {v!r}")
+    return v.strip()
+
+
+def _sbatch(name: str, v: Any) -> dict[str, str]:
+    if not isinstance(v, Mapping) or not all(isinstance(k, str) and k.strip() and isinstance(x, (str, int, float))
+                                             and not isinstance(x, bool) for k, x in v.items()):
+        raise BenchError(f"{name} must be a table of sbatch options, e.g. constraint = \"a100\", got {v!r}")
+    return {k.strip().removeprefix("--"): str(x) for k, x in v.items()}
+
+
 def _precision(name: str, v: Any) -> str:
     from .steps import PRECISIONS
     if not isinstance(v, str) or v.lower() not in PRECISIONS:
@@ -161,7 +186,13 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "out": _path, "data_dir": _path, "download": _bool, "synthetic": _bool, "jobs": _int(1),
     "resume": _bool, "force": _bool, "options": _options, "accumulate": _int(1), "nproc": _int(1),
     "compile": _bool, "threads": _int(1), "precision": _precision, "snapshot_every": _seconds,
+    "executor": _executor, "wait": _bool,
+    # what a cluster executor asks the scheduler for (bench.cluster.ClusterOptions)
+    "partition": _text, "time_min": _int(1), "gpus_per_task": _int(0), "cpus_per_task": _int(1),
+    "mem_gb": _positive, "account": _text, "qos": _text, "sbatch": _sbatch, "array_parallelism": _int(1),
+    "nodes": _int(1),
 }
+CLUSTER_KEYS = tuple(f.name for f in fields(ClusterOptions))
 KEYS = tuple(_CHECKS)
 
 
@@ -197,7 +228,11 @@ def make_config(command_line: Mapping[str, Any], file: Mapping[str, Any] | None 
     if "tasks" not in values:
         raise BenchError("no task given")
     options = _split_options(values.pop("options", {}), values["tasks"])
-    config = BenchConfig(**values, options=options, sweep=sweep)
+    cluster = {k: values.pop(k) for k in CLUSTER_KEYS if k in values}
+    if cluster and values.get("executor", "local") == "local":
+        given = ", ".join(where[k] for k in cluster)
+        raise BenchError(f"{given}: scheduler options need --executor slurm or submitit-local")
+    config = BenchConfig(**values, options=options, sweep=sweep, cluster=ClusterOptions(**cluster))
     config = replace(config, device=resolve_device(values.get("device", "auto")))
     _check_together(config, where)
     return config
@@ -250,16 +285,24 @@ def _split_options(options: Mapping[str, Any], task_names: tuple[str, ...]) -> d
 def _check_together(c: BenchConfig, where: Mapping[str, str]) -> None:
     cpus = os.cpu_count() or 1
     check_precision(c.precision, c.device)
+    if c.executor != "local":
+        require_submitit()
+        if c.jobs > 1:
+            raise BenchError(f"--jobs and --executor {c.executor} cannot be combined: every cell is a job of its own")
+        if c.nproc % c.cluster.nodes:
+            raise BenchError(f"--nproc {c.nproc} does not split over --nodes {c.cluster.nodes}")
+    elif c.wait:
+        raise BenchError("--wait needs --executor slurm or submitit-local (a local run always waits)")
     if c.nproc > 1 and c.jobs > 1:
         raise BenchError("--nproc and --jobs cannot be combined: each cell already uses --nproc processes")
     if c.nproc > 1 and c.compile:
         raise BenchError("--compile together with --nproc > 1 is not supported")
     if c.jobs > cpus:
         raise BenchError(f"{where.get('jobs', '--jobs')} {c.jobs}: this machine has {cpus} CPUs; use at most {cpus}")
-    if c.nproc > 1 and c.device == "cpu" and c.nproc > cpus:
+    if c.nproc > 1 and c.device == "cpu" and c.nproc > cpus and c.executor != "slurm":
         raise BenchError(f"{where.get('nproc', '--nproc')} {c.nproc}: this machine has {cpus} CPUs; "
                          f"use at most {cpus} processes")
-    if c.nproc > 1 and c.device == "cuda":
+    if c.nproc > 1 and c.device == "cuda" and c.executor == "local":
         import torch
         if torch.cuda.device_count() < c.nproc:
             raise BenchError(f"--nproc {c.nproc} needs {c.nproc} GPUs, this machine has "

@@ -15,7 +15,8 @@ import dataclasses
 import datetime as _dt
 import math
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,13 +26,14 @@ import pandas as pd
 import tasks
 from tasks import TaskDataError, TaskOptionError
 
+from .cluster import submit, wait_for
 from .config import BenchConfig
 from .environment import environment, now
 from .errors import BenchError, RunInterrupted
 from .executors import Distributed, Executor, Pool, Sequential, StopSignals
 from .optimizers import OptimizerChoice, default_lr
 from .steps import backend_for, split_batch
-from .store import FINISHED, ResultsFolder, cell_key
+from .store import FINISHED, ResultsFolder, cell_key, read_cell_summaries
 from .train import Cell, RunResult, out_of_memory
 
 __all__ = ["Reporter", "BenchResult", "plan_cells", "lr_grid", "best_lrs", "run_benchmark", "RESUME_KEYS"]
@@ -59,6 +61,7 @@ class BenchResult:
     out: Path
     summary: pd.DataFrame
     metrics: pd.DataFrame
+    submitted: list[dict[str, Any]] = field(default_factory=list)    # the jobs of a cluster executor
 
 
 def lr_grid(choice: OptimizerChoice, task: str | None = None, points: int = 7) -> list[float]:
@@ -163,62 +166,106 @@ def _executor(config: BenchConfig) -> Executor:
     return Sequential(config.threads)
 
 
+def _session(folder: ResultsFolder, config: BenchConfig, task_meta: dict[str, Any], cells: list[Cell],
+             reporter: Reporter, argv: Sequence[str] | None) -> tuple[dict[str, Any], list[Cell]]:
+    """The folder's meta.json for this session, and the cells still to run (each with its snapshot
+    file, so an interrupted cell continues where it stopped)."""
+    old = _check_resume(folder, config, task_meta) if config.resume else {}
+    done = {cell_key(*(r[k] for k in ("task", "optimizer", "lr", "seed"))): r
+            for r in folder.summaries() if r["status"] in FINISHED}
+    session = {"argv": list(argv) if argv is not None else None, "started": now(), "finished": None,
+               "jobs": config.jobs, "executor": config.executor, "resumed": bool(done)}
+    meta = {"command": " ".join(argv) if argv is not None else "run_benchmark()",
+            "started": old.get("started", session["started"]), "finished": None,
+            "config": config.to_json(), "tasks": {**(old.get("tasks") or {}), **task_meta},
+            "environment": environment(config.device), "jobs": config.jobs,
+            "world_size": config.nproc, "backend": backend_for(config.device) if config.nproc > 1 else None,
+            "sessions": list(old.get("sessions") or []) + [session],
+            "cells": [dict(zip(("task", "optimizer", "lr", "seed"), c.key)) for c in cells]}
+    meta["data_sources"] = {t: m.get("data_source") for t, m in meta["tasks"].items()}
+    todo = []
+    for cell in cells:
+        prev = done.get(cell.key)
+        reporter.add(cell, cell.steps, RunResult([], prev, prev["status"]) if prev else None)
+        if prev is None:
+            todo.append(dataclasses.replace(cell, snapshot=str(folder.snapshot_path(cell.key)),
+                                            snapshot_every=config.snapshot_every)
+                        if config.snapshot_every > 0 else cell)
+    return meta, todo
+
+
 def run_benchmark(config: BenchConfig, *, reporter: Reporter | None = None,
                   argv: Sequence[str] | None = None) -> BenchResult:
     """Run every cell of ``config`` that is not finished in ``config.out`` (default
     ``results/<task>[+<task>...]-<YYYYmmdd-HHMMSS>/``) and return the folder's merged frames.
 
-    Raises :class:`~bench.errors.RunInterrupted` after writing everything when Ctrl-C or SIGTERM stops
-    the run; cells that end with status ``error`` are recorded and the others go on.
+    With a cluster executor the cells are submitted as one job array and the frames are those of the
+    cells finished so far (all of them with ``wait``).  Raises :class:`~bench.errors.RunInterrupted`
+    after writing everything when Ctrl-C or SIGTERM stops the run; cells that end with status ``error``
+    are recorded and the others go on.
     """
     reporter = reporter or Reporter()
     task_meta = _check_tasks(config)
     cells = plan_cells(config)
     order = [c.key for c in cells]
     out = Path(config.out) if config.out else _default_out(config)
+    submitted: list[dict[str, Any]] = []
+    jobs: list[Any] = []
     with ResultsFolder.open(out, resume=config.resume, force=config.force) as folder, \
             StopSignals(cooperative=True) as signals:
-        old = _check_resume(folder, config, task_meta) if config.resume else {}
-        done = {cell_key(*(r[k] for k in ("task", "optimizer", "lr", "seed"))): r
-                for r in folder.summaries() if r["status"] in FINISHED}
-        session = {"argv": list(argv) if argv is not None else None, "started": now(), "finished": None,
-                   "jobs": config.jobs, "resumed": bool(done)}
-        meta = {"command": " ".join(argv) if argv is not None else "run_benchmark()",
-                "started": old.get("started", session["started"]), "finished": None,
-                "config": config.to_json(), "tasks": {**(old.get("tasks") or {}), **task_meta},
-                "environment": environment(config.device), "jobs": config.jobs,
-                "world_size": config.nproc, "backend": backend_for(config.device) if config.nproc > 1 else None,
-                "sessions": list(old.get("sessions") or []) + [session]}
-        meta["data_sources"] = {t: m.get("data_source") for t, m in meta["tasks"].items()}
-        todo = []
-        for cell in cells:
-            prev = done.get(cell.key)
-            reporter.add(cell, cell.steps, RunResult([], prev, prev["status"]) if prev else None)
-            if prev is None:        # an interrupted cell continues from its snapshot, if it has one
-                todo.append(dataclasses.replace(cell, snapshot=str(folder.snapshot_path(cell.key)),
-                                                snapshot_every=config.snapshot_every)
-                            if config.snapshot_every > 0 else cell)
+        meta, todo = _session(folder, config, task_meta, cells, reporter, argv)
         folder.write_meta(meta)
         folder.rebuild(order)
+        if config.executor != "local":
+            since = time.time()
+            if todo:
+                submitted, jobs = submit(config.executor, folder, todo, order, config.cluster, config.nproc)
+            folder.close()        # the array's tasks take the lock in turn to rebuild the merged files
+            stopped = _follow(folder, todo, jobs, since, reporter, signals) if config.wait and todo else False
+            with folder.locked():
+                summary, metrics = folder.rebuild(order)
+                if config.wait or not todo:
+                    meta["finished"] = meta["sessions"][-1]["finished"] = now()
+                folder.write_meta(meta)
+        else:
+            def record(cell: Cell, result: RunResult) -> None:
+                with signals.deferred():       # a cell's files are written whole, even if a signal comes
+                    folder.write_cell(result.summary, result.rows)
+                    folder.rebuild(order)
+                reporter.finish(cell, result)
 
-        def record(cell: Cell, result: RunResult) -> None:
-            with signals.deferred():       # a cell's files are written whole, even if a signal comes
-                folder.write_cell(result.summary, result.rows)
-                folder.rebuild(order)
-            reporter.finish(cell, result)
-
-        try:
-            stopped = _executor(config).run(todo, reporter.update, record, signals.requested) if todo else False
-        except KeyboardInterrupt:
-            stopped = True
-        with signals.deferred():
-            meta["finished"] = session["finished"] = now()
-            summary, metrics = folder.rebuild(order)
-            meta["status_counts"] = summary["status"].value_counts().to_dict() if len(summary) else {}
-            folder.write_meta(meta)
+            try:
+                stopped = _executor(config).run(todo, reporter.update, record, signals.requested) if todo else False
+            except KeyboardInterrupt:
+                stopped = True
+            with signals.deferred():
+                meta["finished"] = meta["sessions"][-1]["finished"] = now()
+                summary, metrics = folder.rebuild(order)
+                meta["status_counts"] = summary["status"].value_counts().to_dict() if len(summary) else {}
+                folder.write_meta(meta)
     if stopped or signals.received is not None:
         raise RunInterrupted(out, signals.received or signal.SIGINT)
-    return BenchResult(out, summary, metrics)
+    return BenchResult(out, summary, metrics, submitted)
+
+
+def _follow(folder: ResultsFolder, todo: list[Cell], jobs: list[Any], since: float, reporter: Reporter,
+            signals: StopSignals) -> bool:
+    """Wait for the cells submitted at ``since``, telling the reporter as each one ends; True if a
+    signal stopped the waiting (the jobs go on)."""
+    reported: set = set()
+    by_key = {c.key: c for c in todo}
+
+    def done() -> set:
+        rows = {cell_key(*(r[k] for k in ("task", "optimizer", "lr", "seed"))): r
+                for r in read_cell_summaries(folder.path) if r["_written"] >= since}
+        for key in set(rows) & set(by_key) - reported:
+            reported.add(key)
+            reporter.finish(by_key[key], RunResult([], rows[key], rows[key]["status"]))
+        return set(rows)
+
+    wait_for(todo, done, jobs, stop=signals.requested)
+    done()
+    return signals.requested()
 
 
 def best_lrs(summary: pd.DataFrame) -> pd.DataFrame:

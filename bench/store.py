@@ -18,6 +18,7 @@ Reading a folder back, with its checks, is :mod:`bench.readers`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -28,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 
@@ -265,6 +266,29 @@ class ResultsFolder:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float = 300.0) -> Iterator[None]:
+        """Hold the folder's lock for a short write (a cluster task rebuilding the merged files), waiting
+        for another writer to finish; a folder this object already holds is simply written."""
+        if fcntl is None or self._lock_fd is not None:
+            yield
+            return
+        fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            end = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() > end:
+                        raise StoreWriteError(f"{self.path} stayed locked by another writer for {timeout:g} s") \
+                            from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -240,6 +240,7 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
         "hvp_method": getattr(opt, "hvp_method", "") if choice.second_order else "",
         "accumulate": accumulate, "world_size": route.world, "compiled": bool(compile), "precision": precision,
         "nonfinite_products": int(getattr(opt, "nonfinite_products", 0)),
+        "continued_at_step": start - 1,     # > 0: this run went on from a snapshot taken at that step
     }
     route.close()
     return RunResult(rows=rows, summary=summary, status=status)

@@ -33,6 +33,7 @@ def test_a_stopped_run_continues_from_its_snapshot_as_if_never_stopped(tmp_path,
     assert stopped.status == "interrupted" and len(stopped.rows) == 23 and snap.exists()
     rest = train(task, opt, seed=2, steps=40, task_config=cfg, eval_every=10, snapshot=snap)
     assert rest.status == "ok" and not snap.exists()            # a finished cell leaves no snapshot
+    assert rest.summary["continued_at_step"] == 23 and whole.summary["continued_at_step"] == 0
     assert [r["step"] for r in rest.rows] == list(range(1, 41))  # no step missing or repeated
     assert _losses(rest) == _losses(whole)                       # bit for bit
     assert rest.summary["eval_value"] == whole.summary["eval_value"]
