@@ -168,7 +168,7 @@ def _executor(config: BenchConfig) -> Executor:
 
 def _session(folder: ResultsFolder, config: BenchConfig, task_meta: dict[str, Any], cells: list[Cell],
              reporter: Reporter, argv: Sequence[str] | None) -> tuple[dict[str, Any], list[Cell]]:
-    """The folder's meta.json for this session, and the cells still to run (each with its snapshot
+    """The folder's meta.json for this run of the grid, and the cells still to run (each with its snapshot
     file, so an interrupted cell continues where it stopped)."""
     old = _check_resume(folder, config, task_meta) if config.resume else {}
     done = {cell_key(*(r[k] for k in ("task", "optimizer", "lr", "seed"))): r
