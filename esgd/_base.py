@@ -6,6 +6,52 @@ lives here: the schedule that decides which steps pay for a product (and so whic
 build a graph), the probe draw with an optional ``torch.Generator``, the product itself through double
 backward, the checks that turn misuse into one clear error, and the global counters that
 ``state_dict()`` must carry for a resumed run to continue bit for bit.
+
+Mixed precision is handled here once for every optimizer:
+
+* ``torch.amp.GradScaler``.  The optimizers set ``_step_supports_amp_scaling``, so the scaler does not
+  unscale ``.grad`` itself; it hands ``step()`` its scale (``grad_scale``) and whether the scaled
+  gradients overflowed (``found_inf``).  An overflowed step is skipped entirely: parameters, state,
+  counters and probe stream stay as if it had never been taken.  Otherwise the gradient *and* the
+  Hessian-vector product, both taken from the scaled loss, carry the scale and are divided by it.  The
+  product is taken through the scaled graph with the probe divided by the scale, so that it comes out
+  at the loss's own magnitude: an fp16 product is often larger than the gradient (any ``|H z| > 1``
+  overflows at the default scale 65536 where the gradient does not), and the scaler adjusts its scale to
+  the gradients only.  The product is linear in the probe, so this changes nothing but the range.  The
+  fp16 loop::
+
+      scaler = torch.amp.GradScaler("cuda")
+      for x, y in loader:
+          opt.zero_grad(set_to_none=True)
+          with torch.autocast("cuda", dtype=torch.float16):
+              loss = loss_fn(model(x), y)
+          scaler.scale(loss).backward(create_graph=opt.should_create_graph())
+          scaler.step(opt)
+          scaler.update()
+
+  A product taken from a separate loss, ``opt.accumulate_hvp(loss)``, must be given the scaled loss,
+  ``opt.accumulate_hvp(scaler.scale(local_loss))``: it is unscaled with the same scale as the gradients.
+  Products accumulated before ``scaler.step(opt)`` hands over the scale divide the probe by the scale of
+  the previous step instead, and are corrected by the ratio of the two in ``step()`` (before the first
+  step there is none: such a product may overflow in fp16, and is then dropped and taken again).  Multiplying and
+  dividing by powers of two (every scale ``GradScaler`` uses) is exact, so at a fixed scale a run
+  matches the unscaled one to the bit, short of overflow and underflow.  Reading ``found_inf`` costs a
+  host synchronisation per step, as ``GradScaler.step`` does for any other optimizer.
+  ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (to clip gradients) divides the gradients but not
+  the product taken from their graph, and withholds the scale from ``step()``: it raises on steps that
+  take a product (clip the scaled gradients with ``max_norm * scaler.get_scale()`` there instead).
+  ``hvp_method="finite-difference"`` needs ``opt.step(closure)``, which ``GradScaler`` does not
+  support (it checks the gradients for overflow before ``step()`` evaluates them again), so a scaler
+  driving such an optimizer raises ``ValueError``.
+* Non-finite products.  A product with an inf or NaN (an fp16 product overflows more easily than the
+  gradient, and ``found_inf`` looks at gradients only) never reaches the state: the step's products are
+  dropped, the update uses the previous curvature estimate, the schedule retries on the next step and
+  ``nonfinite_products`` counts the drop.  The check costs one host synchronisation per product step.
+* Low-precision parameters.  ``state_dtype`` (default ``torch.float32``) is the dtype of the optimizer
+  state of parameters narrower than it, such as bfloat16 and float16 ones; the update is computed in
+  that dtype, from the gradient cast up, and rounded into the parameter once.  Parameters at least as
+  wide (float32, float64) keep state of their own dtype.  ``state_dtype=None`` keeps every state in its
+  parameter's dtype.
 """
 
 from __future__ import annotations
@@ -17,8 +63,9 @@ import torch
 from torch.optim import Optimizer
 
 __all__ = ["HessianOptimizer", "MissingGraphError", "DoubleBackwardUnsupportedError", "HVP_METHODS",
-           "check_betas", "check_int", "check_range", "decay_where_curved_", "mark_zero_curvature_",
-           "rademacher", "rng_state", "set_rng_state"]
+           "STATE_DTYPES", "as_dtype", "by_dtypes", "check_betas", "check_int", "check_range",
+           "check_state_dtype", "decay_where_curved_", "is_narrow", "mark_zero_curvature_", "pick",
+           "rademacher", "rng_state", "round_into_", "set_rng_state", "state_dtype_for"]
 
 _GLOBAL_KEY = "hessian_schedule"
 
@@ -44,6 +91,15 @@ class DoubleBackwardUnsupportedError(RuntimeError):
 
 
 HVP_METHODS = ("autograd", "finite-difference")
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+UNSCALED_PRODUCT_MESSAGE = (
+    "{name}: GradScaler.unscale_(opt) was called before scaler.step(opt) on a step that takes a "
+    "Hessian-vector product; it divides the gradients by the loss scale but cannot reach the product "
+    "taken from their graph, and step() then no longer receives the scale. On steps where "
+    "opt.is_hvp_step() is True leave the unscaling to scaler.step(opt) (to clip, clip the scaled "
+    "gradients with max_norm * scaler.get_scale())"
+)
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -87,6 +143,21 @@ def check_int(name: str, value: Any, low: int = 1) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {low})")
 
 
+def check_state_dtype(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``None`` or a floating-point dtype the kernels can run in."""
+    if value is not None and not any(value is d for d in STATE_DTYPES):
+        names = ", ".join(str(d) for d in STATE_DTYPES)
+        raise ValueError(f"Invalid state_dtype: {value!r} (must be None or one of {names})")
+
+
+def state_dtype_for(param_dtype: torch.dtype, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of a parameter's optimizer state: ``state_dtype`` where the parameter is narrower,
+    its own dtype otherwise (a float64 parameter never gets float32 state)."""
+    if state_dtype is None or torch.finfo(param_dtype).bits >= torch.finfo(state_dtype).bits:
+        return param_dtype
+    return state_dtype
+
+
 def rademacher(shape: torch.Size, generator: torch.Generator | None, device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:
     """+1/-1 with equal odds, eight signs from each random byte.
@@ -100,6 +171,38 @@ def rademacher(shape: torch.Size, generator: torch.Generator | None, device: tor
     shifts = torch.arange(8, dtype=torch.uint8, device=device)
     bits = words.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:n]
     return bits.to(dtype).mul_(2).sub_(1).view(shape)
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` itself when it already has ``dtype``, else a copy in ``dtype``."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def by_dtypes(params: list[torch.Tensor], states: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices grouped by (parameter dtype, state dtype): one device is guaranteed by the optimizer,
+    but a foreach call needs one dtype per list."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, s) in enumerate(zip(params, states)):
+        groups.setdefault((p.dtype, s.dtype), []).append(i)
+    return groups
+
+
+def is_narrow(dtype: torch.dtype) -> bool:
+    """Whether a kernel working in ``dtype`` must take the single-tensor loop.  torch's foreach ops on
+    CPU round a Python scalar to a bfloat16 or float16 list's dtype (a weight-decay factor 0.99 becomes
+    0.98828125, beta2 = 0.999 becomes 1), where the single-tensor ops compute with it in float32."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def pick(values: list | None, idx: list[int]) -> list | None:
+    """``values`` at ``idx`` (``None`` stays ``None``)."""
+    return None if values is None else [values[i] for i in idx]
+
+
+def round_into_(params: list[torch.Tensor], work: list[torch.Tensor]) -> None:
+    """Round the updated copies back into narrower parameters (a no-op where they are the parameters)."""
+    if work and work[0] is not params[0]:
+        torch._foreach_copy_(params, work)
 
 
 def mark_zero_curvature_(denoms: list[torch.Tensor]) -> None:
@@ -124,22 +227,34 @@ class HessianOptimizer(Optimizer):
     """Base class: an optimizer that needs ``H z`` on some steps.
 
     Subclasses set ``probe`` (``"rademacher"`` or ``"gaussian"``) and implement ``_update(hvp_step,
-    hvps)``, where ``hvps`` maps each parameter that has a gradient to its product (or is ``None`` on a
-    step without one).  The schedule follows docs/esgd-m.md: a step is an HVP step while
-    ``steps_done < d_warmup`` or once ``steps_since_hvp >= update_d_every``.
+    hvps, grads)``, where ``grads`` maps each parameter that has a gradient to the gradient the update
+    uses and ``hvps`` maps it to its product (or is ``None`` on a step without one); both are unscaled
+    and in the parameter's state dtype (:func:`state_dtype_for`).  The schedule follows docs/esgd-m.md:
+    a step is an HVP step while ``steps_done < d_warmup`` or once ``steps_since_hvp >= update_d_every``.
+
+    ``torch.amp.GradScaler`` hands ``step()`` its scale and overflow flag instead of unscaling the
+    gradients itself (``_step_supports_amp_scaling``); see the module docstring for the loop.
+    ``nonfinite_products`` counts the product steps whose products were dropped for an inf or NaN.
     """
 
     probe: str = "rademacher"
+    # GradScaler then leaves .grad scaled and sets grad_scale and found_inf for step(): the product is
+    # taken from the scaled graph inside step(), so only step() can unscale the two consistently.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable, defaults: dict, *, update_d_every: int, d_warmup: int,
-                 generator: torch.Generator | None = None, hvp_method: str = "autograd") -> None:
+                 generator: torch.Generator | None = None, hvp_method: str = "autograd",
+                 state_dtype: torch.dtype | None = torch.float32) -> None:
         check_int("update_d_every", update_d_every)
         check_int("d_warmup", d_warmup)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"Invalid generator: {generator!r} (must be a torch.Generator or None)")
         if hvp_method not in HVP_METHODS:
             raise ValueError(f"Invalid hvp_method: {hvp_method!r} (must be one of {', '.join(HVP_METHODS)})")
-        super().__init__(params, defaults)
+        check_state_dtype(state_dtype)
+        super().__init__(params, {**defaults, "state_dtype": state_dtype})
+        for group in self.param_groups:
+            check_state_dtype(group["state_dtype"])
         devices = {p.device for group in self.param_groups for p in group["params"]}
         if len(devices) > 1:
             names = ", ".join(sorted(str(d) for d in devices))
@@ -150,11 +265,17 @@ class HessianOptimizer(Optimizer):
         self.hvp_method = hvp_method
         self.steps_done = 0
         self.steps_since_hvp = 0
+        self.nonfinite_products = 0
         # Optional in-place reduction of the locally computed products, e.g. an all-reduce mean across
         # data-parallel ranks (see esgd.distributed); None on a single process.
         self.hvp_reduce: Callable[[list[torch.Tensor]], None] | None = None
         self._probes: dict[torch.Tensor, torch.Tensor] = {}
         self._hvp_sums: dict[torch.Tensor, torch.Tensor] = {}
+        # The probe stream's state before this step's first draw, for a step that is then skipped.
+        self._rng_before_probes: Any = None
+        # GradScaler's scale at the last step it drove, and the factor on this step's probes (None: 1).
+        self._grad_scale_seen: torch.Tensor | None = None
+        self._probe_scale: torch.Tensor | None = None
 
     # -- schedule ---------------------------------------------------------------------------------
     def is_hvp_step(self) -> bool:
@@ -194,7 +315,18 @@ class HessianOptimizer(Optimizer):
                 hvps = torch.autograd.grad([grads[i] for i in with_graph], params,
                                            grad_outputs=[probes[i] for i in with_graph], allow_unused=True)
         except RuntimeError as err:
-            if "double backward" in str(err):
+            text = str(err)
+            # An operation whose backward has no derivative is named in torch's message
+            # ("derivative for aten::<op> is not implemented"); the fused attention kernels are the
+            # common case, and have a remedy that keeps the exact product.
+            missing = "derivative for" in text and "not implemented" in text
+            if missing and "attention" in text:
+                raise DoubleBackwardUnsupportedError(
+                    f"{type(self).__name__}: the fused scaled_dot_product_attention kernel cannot be "
+                    f"differentiated twice ({' '.join(text.split())}); run the forward under "
+                    "esgd.hvp_attention(opt), which takes the math kernel on the steps that build the graph: "
+                    "with esgd.hvp_attention(opt): loss = loss_fn(model(x), y)") from err
+            if "double backward" in text or missing:
                 raise DoubleBackwardUnsupportedError(
                     f"{type(self).__name__}: the model cannot be differentiated twice ({err}). "
                     "Construct the optimizer with hvp_method='finite-difference' and call "
@@ -206,8 +338,22 @@ class HessianOptimizer(Optimizer):
         # One probe per parameter and step, shared by every micro-batch of an accumulated step.
         z = self._probes.get(p)
         if z is None:
+            if not self._probes:
+                self._rng_before_probes = (self.generator.get_state() if self.generator is not None
+                                           else rng_state(self._device()))
             z = self._probes[p] = self.draw_probe(p)
         return z
+
+    def _rewind_probes(self) -> None:
+        """Put the probe stream back to where this step found it (the global RNG when there is no
+        generator, so any draw the model made after the probes is taken back too)."""
+        saved, self._rng_before_probes = self._rng_before_probes, None
+        if saved is None:
+            return
+        if self.generator is not None:
+            self.generator.set_state(saved)
+        else:
+            set_rng_state(saved, self._device())
 
     @torch.no_grad()
     def accumulate_hvp(self, loss: torch.Tensor | None = None) -> None:
@@ -228,9 +374,15 @@ class HessianOptimizer(Optimizer):
         the loss of a fraction of the batch (a cheaper estimate), or each rank's local loss under
         DistributedDataParallel.  Every call of one step uses the same probe.  ``step()`` calls
         ``accumulate_hvp()`` once more itself, so the last call of the first form may be left out.
+
+        Under a ``GradScaler`` the products must come from the scaled loss, as the gradients do: the
+        backward of ``scaler.scale(loss)`` in the first form, ``accumulate_hvp(scaler.scale(loss))`` in
+        the second.  ``step()`` divides their sum by the same scale as the gradients.
         """
         if not (self.is_hvp_step() and self.hvp_method == "autograd"):
             return
+        if not self._hvp_sums:      # every product of one step shares the scale, as it shares the probe
+            self._probe_scale = self._scale_for_probes()
         self._release_before_hvp()
         if loss is not None:
             params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -246,7 +398,10 @@ class HessianOptimizer(Optimizer):
                     return
                 raise MissingGraphError(MISSING_GRAPH_MESSAGE.format(name=type(self).__name__))
             grads = [p.grad for p in params]
-        hvps = self.hessian_vector_products(params, grads, [self._probe_for(p) for p in params])
+        probes = [self._probe_for(p) for p in params]
+        if self._probe_scale is not None:
+            probes = [z * self._probe_scale.to(z.device) for z in probes]
+        hvps = self.hessian_vector_products(params, grads, probes)
         for p, h in zip(params, hvps):
             total = self._hvp_sums.get(p)
             self._hvp_sums[p] = h if total is None else total.add_(h)
@@ -254,6 +409,13 @@ class HessianOptimizer(Optimizer):
         # until the next zero_grad and keeps the whole double-backward graph in memory.
         for p in pending:
             p.grad = p.grad.detach()
+
+    def _scale_for_probes(self) -> torch.Tensor | None:
+        """``1 / S`` for the last scale ``S`` a GradScaler handed over, or ``None`` without one.  Held
+        at the smallest float16 subnormal, so that a float16 probe times it stays exact."""
+        if self._grad_scale_seen is None:
+            return None
+        return self._grad_scale_seen.reciprocal().clamp(min=2.0 ** -24)
 
     @torch.no_grad()
     def _finite_difference_hvps(self, params: list[torch.Tensor], closure: Callable[[], torch.Tensor],
@@ -314,8 +476,24 @@ class HessianOptimizer(Optimizer):
         Args:
             closure: optional callable that zeroes the gradients, evaluates the loss, calls
                 ``loss.backward(create_graph=opt.should_create_graph())`` and returns the loss.
+
+        Under ``GradScaler.step(opt)`` the scaler's ``found_inf`` and ``grad_scale`` are honoured:
+        a step whose scaled gradients overflowed changes nothing (the closure's loss is still returned),
+        and otherwise the gradients and products are divided by ``grad_scale``.  A gradient of the
+        state dtype is unscaled in place, as ``GradScaler.unscale_`` would; a narrower one (a float16
+        parameter's) is left as it is and unscaled in its float32 copy, where it cannot underflow.
         """
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         hvp_step = self.is_hvp_step()
+        if (grad_scale is not None or found_inf is not None) and self.hvp_method == "finite-difference":
+            self._abandon_step()
+            raise ValueError(f"{type(self).__name__}: hvp_method='finite-difference' cannot be driven by a "
+                             "GradScaler: its product needs opt.step(closure), which GradScaler does not "
+                             "support; use hvp_method='autograd', or bfloat16 autocast without a scaler")
+        if hvp_step and grad_scale is None and found_inf is not None:
+            self._abandon_step()
+            raise RuntimeError(UNSCALED_PRODUCT_MESSAGE.format(name=type(self).__name__))
         finite_difference = hvp_step and self.hvp_method == "finite-difference"
         if finite_difference and closure is None:
             raise RuntimeError(f"{type(self).__name__}: hvp_method='finite-difference' evaluates the "
@@ -325,8 +503,17 @@ class HessianOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if found_inf is not None and found_inf.item():
+            self._abandon_step()
+            return loss
+        if grad_scale is not None:
+            self._grad_scale_seen = grad_scale.detach().clone()
+        elif found_inf is None:     # no scaler (after unscale_ the scale is withheld, not gone)
+            self._grad_scale_seen = None
         params = self._params_with_grad()
+        dtypes = self._state_dtypes(params)
         hvps = None
+        dropped = False
         if hvp_step and params:
             if finite_difference:
                 self._release_before_hvp()
@@ -336,23 +523,71 @@ class HessianOptimizer(Optimizer):
                 local = [self._hvp_sums[p] for p in params]
             if self.hvp_reduce is not None:
                 self.hvp_reduce(local)
-            hvps = dict(zip(params, local))
+            # The products carry the scale of the loss times that of the probes.
+            scale = self._probe_scale
+            if scale is not None:
+                scale = scale if grad_scale is None else grad_scale * scale.to(grad_scale.device)
+            else:
+                scale = grad_scale
+            local = self._cast_and_unscale(local, dtypes, scale)
+            # After the reduction, so that every rank takes the same decision.
+            if _all_finite(local):
+                hvps = dict(zip(params, local))
+            else:
+                dropped = True
+                self.nonfinite_products += 1
+        grads = dict(zip(params, self._cast_and_unscale([p.grad for p in params], dtypes, grad_scale)))
         self._probes.clear()
         self._hvp_sums.clear()
-        self._update(hvp_step, hvps)
+        self._rng_before_probes = None
+        self._probe_scale = None
+        self._update(hvp_step and not dropped, hvps, grads)
         # docs/esgd-m.md: the counter is reset on an HVP step and, like steps_done, grows by one
         # after every step, so with update_d_every=10 one step in ten computes a product.
-        if hvp_step:
+        if hvp_step and not dropped:
             self.steps_since_hvp = 0
         self.steps_done += 1
         self.steps_since_hvp += 1
+        if dropped:     # the estimate is owed a product: the next step takes one, warmup over or not
+            self.steps_since_hvp = max(self.steps_since_hvp, self.update_d_every)
         return loss
 
-    def _update(self, hvp_step: bool, hvps: dict[torch.Tensor, torch.Tensor] | None) -> None:
+    def _abandon_step(self) -> None:
+        """Leave the optimizer as if this step had not begun: rewind the probe stream, drop the
+        products and probes, restore what was released for them, and free the graph on ``.grad``."""
+        self._rewind_probes()
+        self._probes.clear()
+        self._hvp_sums.clear()
+        self._probe_scale = None
+        self._restore_released()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.requires_grad:
+                    p.grad = p.grad.detach()
+
+    def _state_dtypes(self, params: list[torch.Tensor]) -> list[torch.dtype]:
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        return [state_dtype_for(p.dtype, group_of[p]["state_dtype"]) for p in params]
+
+    @staticmethod
+    def _cast_and_unscale(tensors: list[torch.Tensor], dtypes: list[torch.dtype],
+                          scale: torch.Tensor | None) -> list[torch.Tensor]:
+        """``tensors`` in ``dtypes``, divided by ``scale`` when given: in place where no cast was needed,
+        in the cast copy otherwise.  Cast first: a float16 tensor divided by 65536 would underflow."""
+        out = [t if t.dtype == dt else t.to(dt) for t, dt in zip(tensors, dtypes)]
+        if scale is not None and out:
+            torch._foreach_div_(out, scale.to(out[0].device))
+        return out
+
+    def _update(self, hvp_step: bool, hvps: dict[torch.Tensor, torch.Tensor] | None,
+                grads: dict[torch.Tensor, torch.Tensor]) -> None:
         raise NotImplementedError
 
     def _release_before_hvp(self) -> None:
         """Free state that this HVP step will replace, before its product (default: nothing)."""
+
+    def _restore_released(self) -> None:
+        """Rebuild what :meth:`_release_before_hvp` freed, for a step that is abandoned (default: nothing)."""
 
     def _device(self) -> torch.device:
         return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
@@ -365,6 +600,8 @@ class HessianOptimizer(Optimizer):
             "steps_since_hvp": self.steps_since_hvp,
             "update_d_every": self.update_d_every,
             "d_warmup": self.d_warmup,
+            "nonfinite_products": self.nonfinite_products,
+            "grad_scale": None if self._grad_scale_seen is None else self._grad_scale_seen.item(),
         }
         if self.generator is not None:
             extra["generator_state"] = self.generator.get_state()
@@ -378,16 +615,42 @@ class HessianOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}.load_state_dict: the state dict has no "
                              f"'{_GLOBAL_KEY}' entry; was it saved by this optimizer?")
         self._check_state_shapes(state_dict)
+        saved_groups = state_dict.get("param_groups", [])
+        for saved in saved_groups:
+            check_state_dtype(saved.get("state_dtype"))
+        if len(saved_groups) == len(self.param_groups):
+            # A checkpoint from before state_dtype existed keeps this optimizer's choice.
+            state_dict["param_groups"] = [saved if "state_dtype" in saved else
+                                          {**saved, "state_dtype": group["state_dtype"]}
+                                          for saved, group in zip(saved_groups, self.param_groups)]
         super().load_state_dict(state_dict)
+        self._restore_state_dtypes(state_dict)
         self.steps_done = int(extra["steps_done"])
         self.steps_since_hvp = int(extra["steps_since_hvp"])
         self.update_d_every = int(extra["update_d_every"])
         self.d_warmup = int(extra["d_warmup"])
+        self.nonfinite_products = int(extra.get("nonfinite_products", 0))
+        seen = extra.get("grad_scale")
+        self._grad_scale_seen = None if seen is None else torch.tensor(float(seen), device=self._device())
         if "generator_state" in extra:
             if self.generator is None:
                 raise ValueError(f"{type(self).__name__}.load_state_dict: the checkpoint holds a probe "
                                  "generator state; construct the optimizer with generator=torch.Generator()")
             self.generator.set_state(extra["generator_state"].cpu())
+
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        # Optimizer.load_state_dict casts every floating-point state tensor to its parameter's dtype,
+        # which would round float32 state of a bfloat16 parameter to bfloat16; cast from the saved
+        # tensors again, to the state dtype.
+        saved_state = state_dict.get("state", {})
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for p, key in zip(group["params"], saved["params"]):
+                dtype = state_dtype_for(p.dtype, group["state_dtype"])
+                if dtype == p.dtype:
+                    continue
+                for name, value in saved_state.get(key, {}).items():
+                    if torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
 
     def _check_state_shapes(self, state_dict: dict[str, Any]) -> None:
         # Optimizer.load_state_dict pairs saved state with parameters by position and never looks at
@@ -406,3 +669,12 @@ class HessianOptimizer(Optimizer):
                             f"{type(self).__name__}.load_state_dict: state entry {name!r} of "
                             f"param_groups[{gi}]['params'][{j}] has shape {tuple(value.shape)}, but that "
                             f"parameter has shape {tuple(p.shape)}; was the state saved for another model?")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether no tensor holds an inf or NaN, with one host synchronisation (the infinity norm keeps
+    both, and unlike a sum it cannot overflow on finite values)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack(torch._foreach_norm(tensors, math.inf)).isfinite().all())

@@ -21,7 +21,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import HessianOptimizer, check_betas, check_range, decay_where_curved_, mark_zero_curvature_
+from ._base import (HessianOptimizer, as_dtype, by_dtypes, check_betas, check_range, decay_where_curved_,
+                    is_narrow, mark_zero_curvature_, pick, round_into_, state_dtype_for)
 
 __all__ = ["AdaHessian", "HutchinsonOptimizer", "adahessian", "spatial_average"]
 
@@ -46,9 +47,11 @@ class HutchinsonOptimizer(HessianOptimizer):
         return z
 
     def _diagonal_estimates(self, params: list[Tensor], hvps: dict[Tensor, Tensor]) -> list[Tensor]:
-        """``z * (H z)`` for each parameter, with the probes this step drew (``step`` forgets them)."""
-        probes = [self._step_probes[p] for p in params]
-        return torch._foreach_mul([hvps[p] for p in params], probes) if params else []
+        """``z * (H z)`` for each parameter, with the probes this step drew (``step`` forgets them), in
+        the dtype of the product (the state's; the probe is cast, which a Rademacher sign survives)."""
+        hs = [hvps[p] for p in params]
+        probes = [as_dtype(self._step_probes[p], h.dtype) for p, h in zip(params, hs)]
+        return torch._foreach_mul(hs, probes) if params else []
 
     def step(self, closure=None):
         try:
@@ -111,29 +114,43 @@ class AdaHessian(HutchinsonOptimizer):
         generator: optional ``torch.Generator`` for the probes.
         foreach: use the multi-tensor kernel (default ``True``); ``False`` selects the reference loop.
         hvp_method: ``"autograd"`` (default) or ``"finite-difference"`` (needs ``opt.step(closure)``).
+        state_dtype: dtype of both moments for parameters narrower than it (default ``torch.float32``:
+            a bfloat16 or float16 parameter is updated in float32 and rounded once, at 8 bytes of
+            state per parameter instead of 4, plus float32 copies of the gradient and the parameter
+            during the update); ``None`` keeps the parameter's dtype.
 
     A parameter that first receives a gradient on a step without a product has no curvature estimate
     yet; its momentum is updated but the parameter, weight decay included, is left unchanged until its
     first HVP step.
+
+    Mixed precision: with ``torch.amp.GradScaler`` the loop is
+    ``scaler.scale(loss).backward(create_graph=opt.should_create_graph()); scaler.step(opt);
+    scaler.update()`` (see :mod:`esgd._base`).  The gradient and the product of a loss scaled by
+    :math:`S` are :math:`S` times too large, and so is :math:`D = z \odot H z`.  Left in,
+    :math:`\hat m` would grow by :math:`S` and :math:`\hat v^{k/2}` by :math:`S^k`: the step would grow
+    by :math:`S^{1-k}` (256-fold at :math:`k = 1/2` and the default scale 65536), and even at
+    :math:`k = 1` the scale would divide :math:`\epsilon` by :math:`S`.  ``step()`` divides the
+    gradient and the product by :math:`S` before either is used (exactly, for GradScaler's powers of two).
     """
 
     def __init__(self, params: Iterable, lr: float = 0.15, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-4, weight_decay: float = 0., hessian_power: float = 1.,
                  update_d_every: int = 1, d_warmup: int = 1, *, generator: torch.Generator | None = None,
-                 foreach: bool | None = None, hvp_method: str = "autograd") -> None:
+                 foreach: bool | None = None, hvp_method: str = "autograd",
+                 state_dtype: torch.dtype | None = torch.float32) -> None:
         _validate(lr, betas, eps, weight_decay, hessian_power)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         hessian_power=hessian_power, foreach=foreach)
         super().__init__(params, defaults, update_d_every=update_d_every, d_warmup=d_warmup,
-                         generator=generator, hvp_method=hvp_method)
+                         generator=generator, hvp_method=hvp_method, state_dtype=state_dtype)
         for group in self.param_groups:
             _validate(group["lr"], group["betas"], group["eps"], group["weight_decay"],
                       group["hessian_power"])
 
-    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None) -> None:
+    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None, grads: dict[Tensor, Tensor]) -> None:
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p in grads]
             if not params:
                 continue
             diags = None
@@ -143,8 +160,9 @@ class AdaHessian(HutchinsonOptimizer):
             for p in params:
                 state = self.state[p]
                 if len(state) == 0:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_d_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    dtype = state_dtype_for(p.dtype, group["state_dtype"])
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_d_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state["beta1_accum"] = 1.0
                     state["beta2_accum"] = 1.0
                 state["beta1_accum"] *= beta1
@@ -154,7 +172,7 @@ class AdaHessian(HutchinsonOptimizer):
                 exp_avg_d_sqs.append(state["exp_avg_d_sq"])
                 bc1s.append(1 - state["beta1_accum"])
                 bc2s.append(1 - state["beta2_accum"])
-            adahessian(params, [p.grad for p in params], exp_avgs, exp_avg_d_sqs, diags,
+            adahessian(params, [grads[p] for p in params], exp_avgs, exp_avg_d_sqs, diags,
                        bias_corrections1=bc1s, bias_corrections2=bc2s, beta1=beta1, beta2=beta2,
                        lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
                        hessian_power=group["hessian_power"], foreach=group["foreach"])
@@ -179,7 +197,9 @@ def adahessian(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     without a product.  ``bias_corrections1/2`` are ``1 - beta1^t`` and ``1 - beta2^n``, already
     advanced to this step; a parameter whose ``bias_corrections2`` is still 0 (no product yet) only
     updates its first moment.  With ``eps=0`` a coordinate whose denominator is exactly zero does not
-    move either.
+    move either.  The arithmetic runs in the dtype of each parameter's moments: a narrower parameter is
+    updated on a copy in that dtype and rounded back once.  Moments in bfloat16 or float16 always take
+    the single-tensor loop (see :func:`esgd._base.is_narrow`).
     """
     if foreach is None:
         foreach = True
@@ -191,14 +211,15 @@ def adahessian(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
 
 def _single_tensor_adahessian(params, grads, exp_avgs, exp_avg_d_sqs, hessian_diags, *, bias_corrections1,
                               bias_corrections2, beta1, beta2, lr, eps, weight_decay, hessian_power):
-    for i, p in enumerate(params):
+    for i, param in enumerate(params):
         m, v = exp_avgs[i], exp_avg_d_sqs[i]
-        m.lerp_(grads[i], 1 - beta1)
+        m.lerp_(as_dtype(grads[i], m.dtype), 1 - beta1)
         if hessian_diags is not None:
-            d = hessian_diags[i]
+            d = as_dtype(hessian_diags[i], m.dtype)
             v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
         if bias_corrections2[i] == 0:
             continue
+        p = as_dtype(param, m.dtype)
         v_hat = v / bias_corrections2[i]
         denom = (v_hat.sqrt_() if hessian_power == 1 else v_hat.pow_(hessian_power / 2)).add_(eps)
         if eps == 0:
@@ -209,20 +230,25 @@ def _single_tensor_adahessian(params, grads, exp_avgs, exp_avg_d_sqs, hessian_di
             else:
                 p.mul_(1 - lr * weight_decay)
         p.addcdiv_(m, denom, value=-lr / bias_corrections1[i])
+        if p is not param:
+            param.copy_(p)
 
 
 def _multi_tensor_adahessian(params, grads, exp_avgs, exp_avg_d_sqs, hessian_diags, *, bias_corrections1,
                              bias_corrections2, beta1, beta2, lr, eps, weight_decay, hessian_power):
-    # The optimizer guarantees one device; foreach kernels still need one dtype per call.
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
-    for idx in by_dtype.values():
+    for idx in by_dtypes(params, exp_avgs).values():
         ms = [exp_avgs[i] for i in idx]
-        torch._foreach_lerp_(ms, [grads[i] for i in idx], 1 - beta1)
+        dtype = ms[0].dtype
+        if is_narrow(dtype):
+            _single_tensor_adahessian(pick(params, idx), pick(grads, idx), ms, pick(exp_avg_d_sqs, idx),
+                                      pick(hessian_diags, idx), bias_corrections1=pick(bias_corrections1, idx),
+                                      bias_corrections2=pick(bias_corrections2, idx), beta1=beta1, beta2=beta2,
+                                      lr=lr, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
+            continue
+        torch._foreach_lerp_(ms, [as_dtype(grads[i], dtype) for i in idx], 1 - beta1)
         if hessian_diags is not None:
             vs = [exp_avg_d_sqs[i] for i in idx]
-            ds = [hessian_diags[i] for i in idx]
+            ds = [as_dtype(hessian_diags[i], dtype) for i in idx]
             torch._foreach_mul_(vs, beta2)
             torch._foreach_addcmul_(vs, ds, ds, value=1 - beta2)
         live = [i for i in idx if bias_corrections2[i] != 0]
@@ -236,7 +262,7 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_avg_d_sqs, hessian_dia
         torch._foreach_add_(denoms, eps)
         if eps == 0:
             mark_zero_curvature_(denoms)
-        ps = [params[i] for i in live]
+        ps = [as_dtype(params[i], dtype) for i in live]
         if weight_decay != 0:
             if eps == 0:
                 decay_where_curved_(ps, [1 - lr * weight_decay] * len(ps), denoms)
@@ -244,3 +270,4 @@ def _multi_tensor_adahessian(params, grads, exp_avgs, exp_avg_d_sqs, hessian_dia
                 torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_addcdiv_(ps, [exp_avgs[i] for i in live], denoms,
                                 [-lr / bias_corrections1[i] for i in live])
+        round_into_([params[i] for i in live], ps)

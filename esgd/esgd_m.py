@@ -11,6 +11,10 @@ denominator ``sqrt(d) / sqrt(1 - b2) + eps`` cannot change, so it is kept in the
 touches only ``m``, the gradient and the parameter.  An HVP step replaces it, so it is freed before the
 product's double backward (one parameter-sized tensor less at the step's memory peak) and rebuilt from
 ``d`` if that step never reaches its update.
+
+Both kernels accept parameters narrower than their state (bfloat16 or float16 parameters with float32
+state, the default ``state_dtype``): the update is computed on a copy of the parameter in the state's
+dtype, from the gradient cast up, and rounded into the parameter once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import HessianOptimizer, check_betas, check_range, decay_where_curved_, mark_zero_curvature_
+from ._base import (HessianOptimizer, as_dtype, by_dtypes, check_betas, check_range, decay_where_curved_,
+                    is_narrow, mark_zero_curvature_, pick, round_into_, state_dtype_for)
 
 __all__ = ["ESGD", "ESGDMax", "esgd_m"]
 
@@ -76,10 +81,27 @@ class ESGD(HessianOptimizer):
             ``torch.compile``).
         d_max: keep an exponentially weighted infinity norm ``d = max(beta2 * d, (H z)^2)`` instead of
             the EMA, with no bias correction for it (the ``esgd-m-max`` variant; see :class:`ESGDMax`).
+        state_dtype: dtype of ``m``, ``d`` and the cached denominator for parameters narrower than it
+            (default ``torch.float32``: a bfloat16 or float16 parameter is updated in float32 and
+            rounded once, at 12 bytes of state per parameter instead of 6, plus float32 copies of the
+            gradient and the parameter during the update); ``None`` keeps the parameter's dtype.
+            Parameters at least as wide keep state of their own dtype (float32 and float64 ones, at
+            the default).
 
     A parameter that first receives a gradient on a step without a product has no curvature estimate
     yet; its momentum is updated but the parameter, weight decay included, is left unchanged until its
     first HVP step.
+
+    Mixed precision: with ``torch.amp.GradScaler`` the loop is
+    ``scaler.scale(loss).backward(create_graph=opt.should_create_graph()); scaler.step(opt);
+    scaler.update()`` (see :mod:`esgd._base`; a product from a separate loss takes the scaled one,
+    ``opt.accumulate_hvp(scaler.scale(loss))``).  The gradient and the product of a loss scaled by
+    :math:`S` are both :math:`S` times too large, and ESGD-M is invariant to the loss scale up to
+    :math:`\epsilon` (the bias corrections do not depend on it):
+    :math:`S m / (\sqrt{S^2 d} + \epsilon) = m / (\sqrt{d} + \epsilon / S)`.  So only
+    :math:`\epsilon` would feel the scale, shrunk by :math:`S` (65536 by default); ``step()`` divides
+    both by :math:`S`, which keeps :math:`\epsilon` what it says and, for the power-of-two scales
+    GradScaler uses, is exact.
     """
 
     probe = "rademacher"
@@ -88,12 +110,13 @@ class ESGD(HessianOptimizer):
                  v: float | None = None, lr_warmup: float = 0.99, eps: float = 1e-4,
                  weight_decay: float = 0., update_d_every: int = 10, d_warmup: int = 20, *,
                  generator: torch.Generator | None = None, foreach: bool | None = None,
-                 hvp_method: str = "autograd", d_max: bool = False) -> None:
+                 hvp_method: str = "autograd", d_max: bool = False,
+                 state_dtype: torch.dtype | None = torch.float32) -> None:
         _validate(lr, betas, v, lr_warmup, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps,
                         weight_decay=weight_decay, foreach=foreach, d_max=bool(d_max))
         super().__init__(params, defaults, update_d_every=update_d_every, d_warmup=d_warmup,
-                         generator=generator, hvp_method=hvp_method)
+                         generator=generator, hvp_method=hvp_method, state_dtype=state_dtype)
         for group in self.param_groups:
             _validate(group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"],
                       group["weight_decay"])
@@ -105,19 +128,28 @@ class ESGD(HessianOptimizer):
                 if state:
                     state["denom"] = None
 
-    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None) -> None:
+    def _restore_released(self) -> None:
+        # With the eps it was built with, so the rebuilt cache is the released one to the bit.
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and state["denom"] is None:
+                    state["denom"] = _denominator(state, state["denom_eps"], group["d_max"])
+
+    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None, grads: dict[Tensor, Tensor]) -> None:
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             v = beta1 if group["v"] is None else group["v"]
-            params, grads, exp_avgs, exp_avg_d_sqs, denoms = [], [], [], [], []
+            params, group_grads, exp_avgs, exp_avg_d_sqs, denoms = [], [], [], [], []
             group_hvps, step_sizes, corrs, sqrt_bc2s = [], [], [], []
             for p in group["params"]:
-                if p.grad is None:
+                if p not in grads:
                     continue
                 state = self.state[p]
                 if len(state) == 0:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_d_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    dtype = state_dtype_for(p.dtype, group["state_dtype"])
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_d_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state["denom"] = None        # built below, or by this step's product
                     state["beta1_accum"] = 1.0
                     state["beta2_accum"] = 1.0
@@ -130,17 +162,11 @@ class ESGD(HessianOptimizer):
                     group_hvps.append(hvps[p])
                 elif state["denom"] is None or state["denom_eps"] != group["eps"]:
                     # Released for a product that did not complete, or eps changed since the last
-                    # product: rebuild the cached denominator with the single-tensor kernel's ops.
-                    if state["beta2_accum"] == 1.0:
-                        state["denom"] = torch.full_like(p, math.inf, memory_format=torch.preserve_format)
-                    else:
-                        bc2 = 1.0 if group["d_max"] else math.sqrt(1 - state["beta2_accum"])
-                        state["denom"] = state["exp_avg_d_sq"].sqrt().div_(bc2).add_(group["eps"])
-                        if group["eps"] == 0:
-                            mark_zero_curvature_([state["denom"]])
+                    # product: rebuild the cached denominator.
+                    state["denom"] = _denominator(state, group["eps"], group["d_max"])
                 state["denom_eps"] = group["eps"]
                 params.append(p)
-                grads.append(p.grad)
+                group_grads.append(grads[p])
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_d_sqs.append(state["exp_avg_d_sq"])
                 denoms.append(state["denom"])
@@ -151,13 +177,26 @@ class ESGD(HessianOptimizer):
                 sqrt_bc2s.append(1.0 if group["d_max"] else math.sqrt(1 - state["beta2_accum"]))
             if not params:
                 continue
-            new_denoms = esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms,
+            new_denoms = esgd_m(params, group_grads, exp_avgs, exp_avg_d_sqs, denoms,
                                 group_hvps if hvp_step else None, step_sizes=step_sizes, corrs=corrs,
                                 sqrt_bias_corrections2=sqrt_bc2s, beta1=beta1, beta2=beta2, v=v,
                                 eps=group["eps"], weight_decay=group["weight_decay"],
                                 foreach=group["foreach"], d_max=group["d_max"])
             for p, d in zip(params, new_denoms):
                 self.state[p]["denom"] = d
+
+
+def _denominator(state: dict, eps: float, d_max: bool) -> Tensor:
+    """The cached denominator rebuilt from ``d``, with the single-tensor kernel's operations (so to the
+    bit what either kernel computed); ``inf`` before the first product."""
+    d = state["exp_avg_d_sq"]
+    if state["beta2_accum"] == 1.0:
+        return torch.full_like(d, math.inf, memory_format=torch.preserve_format)
+    bc2 = 1.0 if d_max else math.sqrt(1 - state["beta2_accum"])
+    denom = d.sqrt().div_(bc2).add_(eps)
+    if eps == 0:
+        mark_zero_curvature_([denom])
+    return denom
 
 
 def _validate(lr, betas, v, lr_warmup, eps, weight_decay) -> None:
@@ -184,6 +223,10 @@ def esgd_m(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
     (as :class:`ESGD` passes them), so that it does not move.  With ``eps=0``, denominators computed here
     that are exactly zero become ``inf`` and such coordinates are not decayed either, so they do not
     move; ``denoms`` passed in must follow the same convention.
+
+    The arithmetic runs in the dtype of each parameter's state (``exp_avgs``): a narrower parameter is
+    updated on a copy in that dtype and rounded back once, and gradients and products are cast up to it.
+    State in bfloat16 or float16 always takes the single-tensor loop (see :func:`esgd._base.is_narrow`).
     """
     if foreach is None:
         foreach = True
@@ -196,12 +239,14 @@ def esgd_m(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
 def _single_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *, step_sizes, corrs,
                           sqrt_bias_corrections2, beta1, beta2, v, eps, weight_decay, d_max):
     new_denoms = []
-    for i, p in enumerate(params):
-        g, m = grads[i], exp_avgs[i]
+    for i, param in enumerate(params):
+        m = exp_avgs[i]
+        g = as_dtype(grads[i], m.dtype)
+        p = as_dtype(param, m.dtype)
         m.lerp_(g, 1 - beta1)
         denom = denoms[i]
         if hvps is not None:
-            h, d = hvps[i], exp_avg_d_sqs[i]
+            h, d = as_dtype(hvps[i], m.dtype), exp_avg_d_sqs[i]
             if d_max:
                 torch.maximum(d.mul_(beta2), h * h, out=d)
             else:
@@ -217,23 +262,31 @@ def _single_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, 
                 p.mul_(1 - weight_decay * step_sizes[i])
         numerator = m if v == 1 else torch.lerp(g, m, v)
         p.addcdiv_(numerator, denom, value=-step_sizes[i] / corrs[i])
+        if p is not param:
+            param.copy_(p)
     return new_denoms
 
 
 def _multi_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *, step_sizes, corrs,
                          sqrt_bias_corrections2, beta1, beta2, v, eps, weight_decay, d_max):
-    # One device is guaranteed by the optimizer; foreach kernels still need one dtype per call.
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
     new_denoms: list[Tensor | None] = [None] * len(params)
-    for idx in by_dtype.values():
-        ps = [params[i] for i in idx]
-        gs = [grads[i] for i in idx]
+    for idx in by_dtypes(params, exp_avgs).values():
         ms = [exp_avgs[i] for i in idx]
+        dtype = ms[0].dtype
+        if is_narrow(dtype):
+            out = _single_tensor_esgd_m(
+                pick(params, idx), pick(grads, idx), ms, pick(exp_avg_d_sqs, idx), pick(denoms, idx),
+                pick(hvps, idx), step_sizes=pick(step_sizes, idx), corrs=pick(corrs, idx),
+                sqrt_bias_corrections2=pick(sqrt_bias_corrections2, idx), beta1=beta1, beta2=beta2, v=v,
+                eps=eps, weight_decay=weight_decay, d_max=d_max)
+            for j, i in enumerate(idx):
+                new_denoms[i] = out[j]
+            continue
+        ps = [as_dtype(params[i], dtype) for i in idx]
+        gs = [as_dtype(grads[i], dtype) for i in idx]
         torch._foreach_lerp_(ms, gs, 1 - beta1)
         if hvps is not None:
-            hs = [hvps[i] for i in idx]
+            hs = [as_dtype(hvps[i], dtype) for i in idx]
             ds = [exp_avg_d_sqs[i] for i in idx]
             torch._foreach_mul_(ds, beta2)
             if d_max:
@@ -255,6 +308,7 @@ def _multi_tensor_esgd_m(params, grads, exp_avgs, exp_avg_d_sqs, denoms, hvps, *
                 torch._foreach_mul_(ps, factors)
         numerators = ms if v == 1 else torch._foreach_lerp(gs, ms, v)
         torch._foreach_addcdiv_(ps, numerators, dens, [-step_sizes[i] / corrs[i] for i in idx])
+        round_into_([params[i] for i in idx], ps)
         for j, i in enumerate(idx):
             new_denoms[i] = dens[j]
     return new_denoms
@@ -272,6 +326,7 @@ class ESGDMax(ESGD):
                  v: float | None = None, lr_warmup: float = 0.99, eps: float = 1e-4,
                  weight_decay: float = 0., update_d_every: int = 10, d_warmup: int = 20, *,
                  generator: torch.Generator | None = None, foreach: bool | None = None,
-                 hvp_method: str = "autograd") -> None:
+                 hvp_method: str = "autograd", state_dtype: torch.dtype | None = torch.float32) -> None:
         super().__init__(params, lr, betas, v, lr_warmup, eps, weight_decay, update_d_every, d_warmup,
-                         generator=generator, foreach=foreach, hvp_method=hvp_method, d_max=True)
+                         generator=generator, foreach=foreach, hvp_method=hvp_method, d_max=True,
+                         state_dtype=state_dtype)

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import check_betas, check_range
+from ._base import as_dtype, by_dtypes, check_betas, check_range, is_narrow, pick, round_into_, state_dtype_for
 from .adahessian import HutchinsonOptimizer
 
 __all__ = ["Sophia", "sophia"]
@@ -69,35 +69,52 @@ class Sophia(HutchinsonOptimizer):
         generator: optional ``torch.Generator`` for the probes.
         foreach: use the multi-tensor kernel (default ``True``); ``False`` selects the reference loop.
         hvp_method: ``"autograd"`` (default) or ``"finite-difference"`` (needs ``opt.step(closure)``).
+        state_dtype: dtype of ``m`` and ``h`` for parameters narrower than it (default ``torch.float32``:
+            a bfloat16 or float16 parameter is updated in float32 and rounded once, at 8 bytes of
+            state per parameter instead of 4, plus float32 copies of the gradient and the parameter
+            during the update); ``None`` keeps the parameter's dtype.
 
     A parameter that first receives a gradient on a step without a product starts, as the algorithm
     does, from ``h = 0``: its steps are ``-lr * sign(m)`` until its first product.
+
+    Mixed precision: with ``torch.amp.GradScaler`` the loop is
+    ``scaler.scale(loss).backward(create_graph=opt.should_create_graph()); scaler.step(opt);
+    scaler.update()`` (see :mod:`esgd._base`).  The gradient and the product of a loss scaled by
+    :math:`S` are :math:`S` times too large, and so are :math:`m` and
+    :math:`h = \text{EMA}(z \odot H z)`.  The ratio :math:`S m / \max(\rho S h, \epsilon)` equals
+    :math:`m / \max(\rho h, \epsilon / S)`: where the curvature is large it is unchanged, but the
+    floor :math:`\epsilon` would shrink by :math:`S`, so coordinates with small or negative curvature
+    would see a ratio up to :math:`S` times larger and be clipped to sign steps far more often.
+    ``step()`` divides the gradient and the product by :math:`S` before either is used (exactly, for
+    GradScaler's powers of two).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.01, eps: float = 1e-12, weight_decay: float = 0., update_d_every: int = 10,
                  d_warmup: int = 1, *, generator: torch.Generator | None = None,
-                 foreach: bool | None = None, hvp_method: str = "autograd") -> None:
+                 foreach: bool | None = None, hvp_method: str = "autograd",
+                 state_dtype: torch.dtype | None = torch.float32) -> None:
         _validate(lr, betas, rho, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, eps=eps, weight_decay=weight_decay,
                         foreach=foreach)
         super().__init__(params, defaults, update_d_every=update_d_every, d_warmup=d_warmup,
-                         generator=generator, hvp_method=hvp_method)
+                         generator=generator, hvp_method=hvp_method, state_dtype=state_dtype)
         for group in self.param_groups:
             _validate(group["lr"], group["betas"], group["rho"], group["eps"], group["weight_decay"])
 
-    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None) -> None:
+    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None, grads: dict[Tensor, Tensor]) -> None:
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p in grads]
             if not params:
                 continue
             for p in params:
                 state = self.state[p]
                 if len(state) == 0:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    dtype = state_dtype_for(p.dtype, group["state_dtype"])
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["hessian"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             beta1, beta2 = group["betas"]
-            sophia(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+            sophia(params, [grads[p] for p in params], [self.state[p]["exp_avg"] for p in params],
                    [self.state[p]["hessian"] for p in params],
                    self._diagonal_estimates(params, hvps) if hvp_step else None,
                    lr=group["lr"], beta1=beta1, beta2=beta2, rho=group["rho"], eps=group["eps"],
@@ -120,6 +137,9 @@ def sophia(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], he
     """Functional Sophia-H update of one parameter group; see :class:`Sophia` for the maths.
 
     ``hessian_estimates`` holds this step's ``z * (H z)``, or is ``None`` on a step without a product.
+    The arithmetic runs in the dtype of each parameter's state: a narrower parameter is updated on a
+    copy in that dtype and rounded back once.  State in bfloat16 or float16 always takes the
+    single-tensor loop (see :func:`esgd._base.is_narrow`).
     """
     if foreach is None:
         foreach = True
@@ -130,34 +150,40 @@ def sophia(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], he
 
 def _single_tensor_sophia(params, grads, exp_avgs, hessians, hessian_estimates, *, lr, beta1, beta2, rho,
                           eps, weight_decay):
-    for i, p in enumerate(params):
+    for i, param in enumerate(params):
         m, h = exp_avgs[i], hessians[i]
-        m.lerp_(grads[i], 1 - beta1)
+        m.lerp_(as_dtype(grads[i], m.dtype), 1 - beta1)
         if hessian_estimates is not None:
-            h.lerp_(hessian_estimates[i], 1 - beta2)
+            h.lerp_(as_dtype(hessian_estimates[i], m.dtype), 1 - beta2)
         ratio = m / (h * rho).clamp_min_(eps)
+        p = as_dtype(param, m.dtype)
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)
         p.add_(ratio.clamp_min_(-1).clamp_max_(1), alpha=-lr)
+        if p is not param:
+            param.copy_(p)
 
 
 def _multi_tensor_sophia(params, grads, exp_avgs, hessians, hessian_estimates, *, lr, beta1, beta2, rho,
                          eps, weight_decay):
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
-    for idx in by_dtype.values():
+    for idx in by_dtypes(params, exp_avgs).values():
         ms = [exp_avgs[i] for i in idx]
         hs = [hessians[i] for i in idx]
-        torch._foreach_lerp_(ms, [grads[i] for i in idx], 1 - beta1)
+        dtype = ms[0].dtype
+        if is_narrow(dtype):
+            _single_tensor_sophia(pick(params, idx), pick(grads, idx), ms, hs, pick(hessian_estimates, idx),
+                                  lr=lr, beta1=beta1, beta2=beta2, rho=rho, eps=eps, weight_decay=weight_decay)
+            continue
+        torch._foreach_lerp_(ms, [as_dtype(grads[i], dtype) for i in idx], 1 - beta1)
         if hessian_estimates is not None:
-            torch._foreach_lerp_(hs, [hessian_estimates[i] for i in idx], 1 - beta2)
+            torch._foreach_lerp_(hs, [as_dtype(hessian_estimates[i], dtype) for i in idx], 1 - beta2)
         denoms = torch._foreach_mul(hs, rho)
         torch._foreach_clamp_min_(denoms, eps)
         ratios = torch._foreach_div(ms, denoms)
         torch._foreach_clamp_min_(ratios, -1)
         torch._foreach_clamp_max_(ratios, 1)
-        ps = [params[i] for i in idx]
+        ps = [as_dtype(params[i], dtype) for i in idx]
         if weight_decay != 0:
             torch._foreach_mul_(ps, 1 - lr * weight_decay)
         torch._foreach_add_(ps, ratios, alpha=-lr)
+        round_into_([params[i] for i in idx], ps)
