@@ -411,8 +411,14 @@ class HessianOptimizer(Optimizer):
             p.grad = p.grad.detach()
 
     def _scale_for_probes(self) -> torch.Tensor | None:
-        """``1 / S`` for the last scale ``S`` a GradScaler handed over, or ``None`` without one.  Held
-        at the smallest float16 subnormal, so that a float16 probe times it stays exact."""
+        """``1 / S`` for the last scale ``S`` a GradScaler handed over, or ``None`` without one.
+
+        Held at the smallest float16 subnormal, 2**-24, so that a scaled float16 probe is never zero.
+        A Rademacher probe (+-1) times a power of two stays exact down to there; a Gaussian probe of a
+        float16 parameter (``PlainESGD``'s default) is rounded: at the default scale 65536, ``z / S``
+        is a float16 subnormal for ``|z| < 4``, with a spacing of 2**-24, a relative error of about
+        0.2% where ``|z|`` is near 1 and more where it is smaller.  Probes of float32 and wider
+        parameters are exact at any scale."""
         if self._grad_scale_seen is None:
             return None
         return self._grad_scale_seen.reciprocal().clamp(min=2.0 ** -24)
@@ -485,6 +491,18 @@ class HessianOptimizer(Optimizer):
         """
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        try:
+            return self._step(closure, grad_scale, found_inf)
+        except BaseException:
+            # GradScaler deletes these only once step() has returned, and multiplies a leftover
+            # grad_scale into the next one: dropped here, a failed step cannot scale the next.
+            for name in ("grad_scale", "found_inf"):
+                if hasattr(self, name):
+                    delattr(self, name)
+            raise
+
+    def _step(self, closure: Callable[[], torch.Tensor] | None, grad_scale: torch.Tensor | None,
+              found_inf: torch.Tensor | None):
         hvp_step = self.is_hvp_step()
         if (grad_scale is not None or found_inf is not None) and self.hvp_method == "finite-difference":
             self._abandon_step()

@@ -223,6 +223,30 @@ def test_unscale_before_a_product_step_is_refused_and_fine_before_a_plain_step(c
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("cls", ALL)
+def test_a_step_that_raises_leaves_no_scale_behind(cls):
+    """GradScaler removes grad_scale and found_inf only after step() returns, and multiplies a leftover
+    grad_scale into the next step's.  After a refused step (backward without the graph a product step
+    needs) and a corrected loop, the run equals a clean one to the bit."""
+    model, x, y = mlp()
+    opt = make_opt(cls, model.parameters())
+    scaler = fixed_scaler()
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(((model(x[:8]) - y[:8]) ** 2).mean()).backward()     # create_graph forgotten
+    with pytest.raises(RuntimeError, match="create_graph"):
+        scaler.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert opt.steps_done == 0 and not opt.state
+
+    ref_model, _, _ = mlp()
+    ref = make_opt(cls, ref_model.parameters())
+    scaler = fixed_scaler()
+    for t in range(8):
+        train_step(opt, model, x, y, t, scaler=scaler)
+        train_step(ref, ref_model, x, y, t)
+    assert torch.equal(flat(model), flat(ref_model))
+
+
 @pytest.mark.parametrize("flow", ["create-graph", "separate-loss"])
 @pytest.mark.parametrize("cls", ALL)
 def test_float16_products_do_not_overflow_at_the_default_scale(cls, flow):
