@@ -245,9 +245,13 @@ def _execute(given: dict[str, Any], config_file: Optional[Path], sweep: bool) ->
     if sweep:
         best = best_lrs(result.summary)
         out.print(sweep_table(best))
+        for task, budget in sorted(result.selection.items()):
+            grids = ", ".join(f"{o} {n}" for o, n in budget["grid_points"].items())
+            out.print(f"{task}: {budget['rule']}; budget per optimizer: {budget['seeds']} seed(s) x "
+                      f"{budget['steps']} steps, grid points: {grids}")
         for r in best[best["best"]].to_dict("records"):
             out.print(f"best lr for {r['optimizer']} on {r['task']}: {r['lr']:g} "
-                      f"(mean final loss {r['mean_final_loss']:.4g})")
+                      f"(mean {r['criterion']} {r['score']:.4g})")
     out.print(f"results: {result.out}")
     _report_failures(result.summary, result.out, sweep)
 
@@ -272,6 +276,9 @@ _Force = Annotated[Optional[bool], typer.Option(
 _Threads = Annotated[Optional[int], typer.Option(help="torch threads of a sequential run. (default: torch's)")]
 _Precision = Annotated[Optional[str], typer.Option(
     help="fp32, bf16 (forward under autocast) or fp16 (autocast and loss scaling). (default: fp32)")]
+_Schedule = Annotated[Optional[str], typer.Option(
+    help="Learning-rate schedule: constant, cosine[:final=F] or warmup-cosine[:warmup=STEPS,final=F] "
+         "(default: the task's own; see esgd-bench tasks).")]
 _Executor = Annotated[Optional[str], typer.Option(
     help="local (this process, or --jobs), slurm (one job array through submitit) or submitit-local "
          "(the same through submitit on this machine).")]
@@ -299,8 +306,8 @@ def run(task: Annotated[list[str], typer.Argument(help="Task name(s); several sh
         batch_size: _BatchSize = None, eval_every: _EvalEvery = None, device: _Device = None,
         out: _Out = None, data_dir: _DataDir = None, download: _Download = None, synthetic: _Synthetic = None,
         jobs: _Jobs = None, config: _Config = None, resume: _Resume = None, force: _Force = None,
-        threads: _Threads = None, precision: _Precision = None, option: _Option = None,
-        accumulate: Annotated[Optional[int], typer.Option(
+        threads: _Threads = None, precision: _Precision = None, schedule: _Schedule = None,
+        option: _Option = None, accumulate: Annotated[Optional[int], typer.Option(
             help="Micro-batches per optimizer step (gradient accumulation; --batch-size is the step's).")] = None,
         nproc: Annotated[Optional[int], typer.Option(
             help="Data-parallel processes (torch.distributed: gloo on CPU, NCCL on GPU; DDP).")] = None,
@@ -315,7 +322,8 @@ def run(task: Annotated[list[str], typer.Argument(help="Task name(s); several sh
     _execute(dict(tasks=task, optimizers=opt, seeds=seeds, steps=steps, lr=lr, batch_size=batch_size,
                   eval_every=eval_every, device=device, out=out, data_dir=data_dir, download=download,
                   synthetic=synthetic, jobs=jobs, resume=resume, force=force, threads=threads,
-                  precision=precision, options=_parse_options(option), accumulate=accumulate, nproc=nproc,
+                  precision=precision, schedule=schedule, options=_parse_options(option),
+                  accumulate=accumulate, nproc=nproc,
                   compile=compile, **_cluster(executor, wait, partition, time_min, gpus_per_task, cpus_per_task,
                                               mem_gb, account, qos, sbatch, array_parallelism, nodes)),
              config, sweep=False)
@@ -331,16 +339,16 @@ def sweep(task: Annotated[list[str], typer.Argument(help="Task name(s).")],
           eval_every: _EvalEvery = None, device: _Device = None, out: _Out = None, data_dir: _DataDir = None,
           download: _Download = None, synthetic: _Synthetic = None, jobs: _Jobs = None,
           config: _Config = None, resume: _Resume = None, force: _Force = None, threads: _Threads = None,
-          precision: _Precision = None, option: _Option = None,
+          precision: _Precision = None, schedule: _Schedule = None, option: _Option = None,
           executor: _Executor = None, wait: _Wait = None, partition: _Partition = None, time_min: _TimeMin = None,
           gpus_per_task: _GpusPerTask = None, cpus_per_task: _CpusPerTask = None, mem_gb: _MemGb = None,
           account: _Account = None, qos: _Qos = None, sbatch: _Sbatch = None,
           array_parallelism: _ArrayParallelism = None, nodes: _Nodes = None) -> None:
-    """Learning-rate sweep: a log-spaced grid per optimizer, best lr by mean final loss over seeds."""
+    """Learning-rate sweep: a log-spaced grid per optimizer, best lr by the validation metric (tail loss without data)."""
     _execute(dict(tasks=task, optimizers=opt, lrs=_parse_lrs(lrs), seeds=seeds, steps=steps,
                   batch_size=batch_size, eval_every=eval_every, device=device, out=out, data_dir=data_dir,
                   download=download, synthetic=synthetic, jobs=jobs, resume=resume, force=force,
-                  threads=threads, precision=precision, options=_parse_options(option),
+                  threads=threads, precision=precision, schedule=schedule, options=_parse_options(option),
                   **_cluster(executor, wait, partition, time_min, gpus_per_task, cpus_per_task, mem_gb, account,
                              qos, sbatch, array_parallelism, nodes)),
              config, sweep=True)
@@ -359,12 +367,12 @@ def tasks_cmd(pattern: Annotated[str, typer.Argument(help="fnmatch pattern, e.g.
         _no_match("task", pattern, [t.name for t in registry.list_tasks()])
     from rich.table import Table
     table = Table(title="Tasks")
-    for col in ("name", "description", "steps", "batch", "eval metric", "data source", "source"):
+    for col in ("name", "description", "steps", "batch", "schedule", "eval metric", "data source", "source"):
         table.add_column(col, overflow="fold")
     for s in specs:
         better = "↑" if s.higher_is_better else "↓"
         table.add_row(s.name, s.description, str(s.default_steps), str(s.default_batch_size),
-                      f"{s.eval_metric} {better}", s.data_source, registry.task_source(s.base or s.name))
+                      s.default_schedule, f"{s.eval_metric} {better}", s.data_source, registry.task_source(s.base or s.name))
     _stdout().print(table)
 
 

@@ -24,6 +24,7 @@ from tasks.base import resolve_options
 from .cluster import EXECUTORS, ClusterOptions, require_submitit
 from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
+from .schedules import Schedule, parse_schedule
 from .steps import check_precision, check_route
 
 __all__ = ["BenchConfig", "make_config", "DEFAULT_OPTIMIZERS", "MAX_CELLS", "resolve_device"]
@@ -60,6 +61,7 @@ class BenchConfig:
     compile: bool = False
     threads: int | None = None            # torch threads of a sequential run (None: torch's default)
     precision: str = "fp32"               # fp32, bf16 (autocast) or fp16 (autocast and loss scaling)
+    schedule: Schedule | None = None      # None: each task's default schedule
     snapshot_every: float = 60.0          # seconds between a running cell's snapshots; 0: none
     executor: str = "local"               # local, slurm or submitit-local (bench.cluster)
     cluster: ClusterOptions = ClusterOptions()
@@ -70,6 +72,10 @@ class BenchConfig:
                           download=self.download, synthetic=self.synthetic,
                           options=dict(self.options.get(task, {})))
 
+    def schedule_for(self, task: str) -> Schedule:
+        """The schedule ``task`` is trained with: the one given, else the task's own default."""
+        return self.schedule or parse_schedule(tasks.get_task(task).default_schedule)
+
     def to_json(self) -> dict[str, Any]:
         """The settings as meta.json records them (and ``--resume`` compares them)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -77,6 +83,7 @@ class BenchConfig:
         data["tasks"], data["lrs"] = list(self.tasks), list(self.lrs) if self.lrs is not None else None
         data["options"] = {t: dict(o) for t, o in self.options.items()}
         data["cluster"] = dataclasses.asdict(self.cluster)
+        data["schedule"] = self.schedule.label if self.schedule is not None else None
         for key in ("out", "data_dir"):
             data[key] = str(data[key]) if data[key] is not None else None
         return data
@@ -170,6 +177,13 @@ def _precision(name: str, v: Any) -> str:
     return v.lower()
 
 
+def _schedule(name: str, v: Any) -> Schedule:
+    try:
+        return parse_schedule(v)
+    except BenchError as err:
+        raise BenchError(f"{name}: {err}") from None
+
+
 def _options(name: str, v: Any) -> dict[str, Any]:
     if not isinstance(v, Mapping):
         raise BenchError(f"{name} must be a table of key = value, got {v!r}")
@@ -185,7 +199,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "lrs": _lrs, "sweep": _bool, "batch_size": _int(1), "eval_every": _int(1), "device": _device,
     "out": _path, "data_dir": _path, "download": _bool, "synthetic": _bool, "jobs": _int(1),
     "resume": _bool, "force": _bool, "options": _options, "accumulate": _int(1), "nproc": _int(1),
-    "compile": _bool, "threads": _int(1), "precision": _precision, "snapshot_every": _seconds,
+    "compile": _bool, "threads": _int(1), "precision": _precision, "schedule": _schedule,
+    "snapshot_every": _seconds,
     "executor": _executor, "wait": _bool,
     # what a cluster executor asks the scheduler for (bench.cluster.ClusterOptions)
     "partition": _text, "time_min": _int(1), "gpus_per_task": _int(0), "cpus_per_task": _int(1),

@@ -117,13 +117,15 @@ def summary_table(summary: pd.DataFrame) -> list[Table]:
 
 
 def sweep_table(best: pd.DataFrame) -> Table:
-    table = Table(title="Learning-rate sweep: mean final loss over seeds (* = best)")
-    for col in ("task", "optimizer", "lr", "runs ok", "final loss"):
-        table.add_column(col, justify="left" if col in ("task", "optimizer") else "right")
+    criteria = ", ".join(dict.fromkeys(best["criterion"])) if len(best) else "score"
+    table = Table(title=f"Learning-rate sweep: mean over seeds of {criteria} (* = best)")
+    for col in ("task", "optimizer", "lr", "runs ok", "picked by", "score"):
+        table.add_column(col, justify="left" if col in ("task", "optimizer", "picked by") else "right")
     for r in best.to_dict("records"):
-        loss = "failed" if math.isinf(r["mean_final_loss"]) else _pm(r["mean_final_loss"], r["std_final_loss"])
+        score = "failed" if not math.isfinite(r["score"]) else _pm(r["score"], r["score_std"])
         mark = "[bold green]*[/]" if r["best"] else ""
-        table.add_row(r["task"], r["optimizer"], f"{r['lr']:g}{mark}", r["runs"], loss)
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        table.add_row(r["task"], r["optimizer"], f"{r['lr']:g}{mark}", r["runs"], f"{r['criterion']} {arrow}", score)
     return table
 # -- rich output -------------------------------------------------------------------------------------
 def _f(x: Any, fmt: str = "{:.2f}") -> str:

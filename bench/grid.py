@@ -36,11 +36,11 @@ from .steps import backend_for, split_batch
 from .store import FINISHED, ResultsFolder, cell_key, read_cell_summaries
 from .train import Cell, RunResult, out_of_memory
 
-__all__ = ["Reporter", "BenchResult", "plan_cells", "lr_grid", "best_lrs", "run_benchmark", "RESUME_KEYS"]
+__all__ = ["Reporter", "BenchResult", "plan_cells", "lr_grid", "best_lrs", "selection_rule", "run_benchmark", "RESUME_KEYS"]
 
 # Settings that change what a cell computes: a resumed folder must have been made with the same ones.
 RESUME_KEYS = ("steps", "batch_size", "eval_every", "synthetic", "options", "device", "compile",
-               "accumulate", "nproc", "data_dir", "download", "precision")
+               "accumulate", "nproc", "data_dir", "download", "precision", "schedule")
 
 
 class Reporter:
@@ -62,6 +62,7 @@ class BenchResult:
     summary: pd.DataFrame
     metrics: pd.DataFrame
     submitted: list[dict[str, Any]] = field(default_factory=list)    # the jobs of a cluster executor
+    selection: dict[str, Any] = field(default_factory=dict)          # a sweep's rule and budget, per task
 
 
 def lr_grid(choice: OptimizerChoice, task: str | None = None, points: int = 7) -> list[float]:
@@ -91,7 +92,7 @@ def plan_cells(config: BenchConfig) -> list[Cell]:
                 for seed in range(config.seeds):
                     cells.append(Cell(task, choice, float(lr), seed, steps, config.eval_every,
                                       config.task_config(task), config.accumulate, config.compile,
-                                      config.precision))
+                                      config.precision, schedule=config.schedule_for(task)))
     return cells
 
 
@@ -119,11 +120,17 @@ def _check_tasks(config: BenchConfig) -> dict[str, dict[str, Any]]:
                    "batch_size": config.batch_size or spec.default_batch_size,
                    "eval_metric": spec.eval_metric, "higher_is_better": spec.higher_is_better,
                    "target": spec.target, "options": dict(config.options.get(t, {})),
+                   "schedule": config.schedule_for(t).label, "info": _recordable(problem.info),
                    "data_source": problem.data_source, "synthetic": bool(problem.synthetic),
                    "loss_scale": problem.loss_scale, "param_scale": problem.param_scale,
                    "parameters": sum(p.numel() for p in problem.model.parameters())}
         del problem
     return meta
+
+
+def _recordable(info: dict[str, Any]) -> dict[str, Any]:
+    """The task's info without its tensors (a quadratic's Hessian is there for tests, not for meta.json)."""
+    return {k: v for k, v in info.items() if not hasattr(v, "shape") or not len(getattr(v, "shape"))}
 
 
 def _default_out(config: BenchConfig) -> Path:
@@ -183,6 +190,8 @@ def _session(folder: ResultsFolder, config: BenchConfig, task_meta: dict[str, An
             "sessions": list(old.get("sessions") or []) + [session],
             "cells": [dict(zip(("task", "optimizer", "lr", "seed"), c.key)) for c in cells]}
     meta["data_sources"] = {t: m.get("data_source") for t, m in meta["tasks"].items()}
+    if config.sweep:
+        meta["selection"] = sweep_budget(config, cells)
     todo = []
     for cell in cells:
         prev = done.get(cell.key)
@@ -245,7 +254,7 @@ def run_benchmark(config: BenchConfig, *, reporter: Reporter | None = None,
                 folder.write_meta(meta)
     if stopped or signals.received is not None:
         raise RunInterrupted(out, signals.received or signal.SIGINT)
-    return BenchResult(out, summary, metrics, submitted)
+    return BenchResult(out, summary, metrics, submitted, meta.get("selection", {}))
 
 
 def _follow(folder: ResultsFolder, todo: list[Cell], jobs: list[Any], since: float, reporter: Reporter,
@@ -268,24 +277,66 @@ def _follow(folder: ResultsFolder, todo: list[Cell], jobs: list[Any], since: flo
     return signals.requested()
 
 
-def best_lrs(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, optimizer): mean final loss over seeds at each lr, and the best lr.
+TAIL_FRACTION = 0.1       # tasks without validation data: the mean training loss over this last share
 
-    An lr where any seed did not finish ``ok`` counts as infinitely bad: a rate that sometimes diverges
-    is not a rate to recommend.  Returns one row per (task, optimizer, lr) with ``mean_final_loss``,
-    ``runs`` and ``best`` (True on the winning lr; none when every lr failed).
+
+def selection_rule(task: str) -> dict[str, Any]:
+    """How ``sweep`` picks a learning rate for ``task``: by the validation metric at the end of training
+    where the task has held-out data, else by the mean training loss over the last 10% of steps (never
+    by the test split, never by one minibatch's loss)."""
+    spec = tasks.get_task(task)
+    if spec.test_metric is not None:
+        return {"criterion": spec.eval_metric, "column": "eval_value", "higher_is_better": spec.higher_is_better,
+                "rule": f"best mean over seeds of {spec.eval_metric} (validation split) at the end of training"}
+    return {"criterion": "tail_loss", "column": "tail_loss", "higher_is_better": False,
+            "rule": f"lowest mean over seeds of the training loss over the last {TAIL_FRACTION:.0%} of steps "
+                    "(the task has no validation data)"}
+
+
+def sweep_budget(config: BenchConfig, cells: Sequence[Cell]) -> dict[str, Any]:
+    """What a sweep spent and how it chooses, per task: the same grid size, seeds and steps for every
+    optimizer (meta.json records it and ``sweep`` prints it)."""
+    out = {}
+    for task in config.tasks:
+        mine = [c for c in cells if c.task == task]
+        lrs = {opt.label: sorted({c.lr for c in mine if c.optimizer.label == opt.label})
+               for opt in config.optimizers}
+        rule = selection_rule(task)
+        out[task] = {"rule": rule["rule"], "criterion": rule["criterion"], "seeds": config.seeds,
+                     "steps": mine[0].steps if mine else None, "grid_points": {k: len(v) for k, v in lrs.items()},
+                     "grids": lrs, "runs": len(mine)}
+    return out
+
+
+def best_lrs(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, optimizer): the selection criterion's mean over seeds at each lr, and the best lr.
+
+    The criterion is :func:`selection_rule`'s.  An lr where any seed did not finish ``ok`` counts as
+    failed: a rate that sometimes diverges is not a rate to recommend.  Returns one row per (task,
+    optimizer, lr) with ``criterion``, ``score`` and ``score_std`` (mean and spread over seeds), ``runs``
+    and ``best`` (True on the winning lr; none when every lr failed).
     """
     rows = []
     for (task, opt, lr), g in summary.groupby(["task", "optimizer", "lr"], sort=True):
+        rule = selection_rule(task)
         ok = bool((g["status"] == "ok").all())
-        loss = pd.to_numeric(g["final_loss"], errors="coerce")
-        mean = float(loss.mean()) if ok and loss.notna().all() else math.inf
-        rows.append({"task": task, "optimizer": opt, "lr": lr, "mean_final_loss": mean,
-                     "std_final_loss": float(loss.std(ddof=1)) if ok else math.nan,
+        values = pd.to_numeric(g[rule["column"]], errors="coerce") if rule["column"] in g else pd.Series([math.nan])
+        usable = ok and values.notna().all() and np.isfinite(values).all()
+        rows.append({"task": task, "optimizer": opt, "lr": lr, "criterion": rule["criterion"],
+                     "higher_is_better": rule["higher_is_better"],
+                     "score": float(values.mean()) if usable else math.nan,
+                     "score_std": float(values.std(ddof=1)) if usable and len(values) > 1 else math.nan,
                      "runs": f"{int((g['status'] == 'ok').sum())}/{len(g)}"})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    table["best"] = False
+    for _, g in table.groupby(["task", "optimizer"]):
+        finite = g[g["score"].notna()]
+        if len(finite):
+            pick = finite["score"].idxmax() if finite["higher_is_better"].iloc[0] else finite["score"].idxmin()
+            table.loc[pick, "best"] = True
+    return table
     table["best"] = False
     for _, g in table.groupby(["task", "optimizer"]):
         finite = g[np.isfinite(g["mean_final_loss"])]

@@ -37,14 +37,14 @@ from .config import BenchConfig, make_config
 from .errors import BenchError
 from .readers import Results
 from .store import as_bool, write_csv, write_json
+from .timing import TAIL, tail_mean
 
 __all__ = ["DEFAULT_FACTORS", "FLAT_SPREAD", "TAIL", "parse_factors", "scaled_name", "scale_config",
-           "scale_runs", "tail_loss", "spread", "summarise_scale", "verdicts", "plot_scale",
+           "scale_runs", "spread", "summarise_scale", "verdicts", "plot_scale",
            "scale_rich_table", "write_scale_outputs"]
 
 DEFAULT_FACTORS = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 FLAT_SPREAD = 0.5
-TAIL = 0.1         # the final loss is the mean over this fraction of the last steps
 _TINY = 1e-30      # keeps the spread finite when a loss is exactly zero
 
 
@@ -83,15 +83,6 @@ def scale_config(task: str, kind: str, factors: Sequence[float], settings: Mappi
     return make_config({**given, "tasks": [scaled_name(task, kind, f) for f in factors]}, file, file_name)
 
 
-def tail_loss(losses: Sequence[float], fraction: float = TAIL) -> float:
-    """Mean unscaled training loss over the last ``fraction`` of a run's steps (at least one step):
-    one minibatch's loss alone varies by tens of percent from step to step."""
-    losses = list(losses)
-    if not losses:
-        return math.nan
-    return float(np.mean(losses[-max(1, math.ceil(fraction * len(losses))):]))
-
-
 def scale_runs(results: Results) -> pd.DataFrame:
     """One row per run of a study's results folder, with its factor and its tail loss."""
     rows = []
@@ -106,7 +97,7 @@ def scale_runs(results: Results) -> pd.DataFrame:
         losses = grouped.get((r["task"], r["optimizer"], r["lr"], r["seed"]), [])
         rows.append({"task": base, "kind": kind, "factor": float(factor), "scaled_task": r["task"],
                      "optimizer": r["optimizer"], "lr": float(r["lr"]), "seed": int(r["seed"]),
-                     "steps": r.get("steps"), "final_loss": tail_loss(losses),
+                     "steps": r.get("steps"), "final_loss": tail_mean(losses),
                      "last_loss": r.get("final_loss", math.nan), "eval_metric": r.get("eval_metric"),
                      "eval_value": r.get("eval_value", math.nan), "status": r["status"],
                      "wall_time_s": r.get("wall_time_s", math.nan),

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from esgd import DoubleBackwardUnsupportedError
+from esgd import DoubleBackwardUnsupportedError, hvp_attention
 from esgd._base import rng_state, set_rng_state
 from tasks import Problem
 
@@ -254,7 +254,10 @@ class StepRoute:
         return loss
 
     def _forward_loss(self, batch: Any) -> torch.Tensor:
-        with autocast(self.precision, self.device):
+        # Fused attention kernels cannot be differentiated twice: the forwards of graph-building steps
+        # take the math kernel (see esgd.attention); every other forward keeps the fused one.
+        graph = self.second_order and needs_create_graph(self.opt, True)
+        with autocast(self.precision, self.device), hvp_attention(graph):
             return self.problem.loss(batch)
 
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:

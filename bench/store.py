@@ -43,10 +43,10 @@ __all__ = ["METRICS_COLUMNS", "SUMMARY_COLUMNS", "CELL_KEY", "STATUSES", "FINISH
 # The column contract (eval_<key> columns follow METRICS_COLUMNS, one per key of the task's evaluate()).
 METRICS_COLUMNS = ["task", "optimizer", "lr", "seed", "step", "wall_time_s", "loss", "is_hvp_step",
                    "step_ms", "data_ms", "fwd_bwd_ms", "hvp_ms", "update_ms", "precision"]
-SUMMARY_COLUMNS = ["task", "optimizer", "opt_name", "lr", "seed", "steps", "final_loss", "eval_metric",
-                   "eval_value", "wall_time_s", "step_time_ms", "fwd_bwd_time_ms", "update_time_ms",
+SUMMARY_COLUMNS = ["task", "optimizer", "opt_name", "lr", "seed", "steps", "final_loss", "tail_loss", "eval_metric",
+                   "eval_value", "test_metric", "test_value", "wall_time_s", "step_time_ms", "fwd_bwd_time_ms", "update_time_ms",
                    "hvp_time_ms", "mean_step_ms", "hvp_steps", "peak_mem_mb", "status", "data_source",
-                   "synthetic", "device", "precision", "error"]
+                   "synthetic", "device", "precision", "schedule", "error"]
 CELL_KEY = ["task", "optimizer", "lr", "seed"]          # what identifies one cell of a grid
 STATUSES = ("ok", "diverged", "interrupted", "error")
 FINISHED = ("ok", "diverged")       # --resume keeps these; a diverged run is a result, not a failure

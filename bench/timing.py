@@ -108,6 +108,19 @@ def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+TAIL = 0.1      # a run's end: its last tenth of steps
+
+
+def tail_mean(losses: Sequence[float], fraction: float = TAIL) -> float:
+    """The mean loss over the last ``fraction`` of a run's steps (at least one; NaN when there is none,
+    or when the run ended in NaN): one minibatch's loss alone varies by tens of percent from step to
+    step, so the end of a run is judged on its tail."""
+    losses = list(losses)
+    if not losses:
+        return math.nan
+    return statistics.fmean(losses[-max(1, math.ceil(fraction * len(losses))):])
+
+
 def _plain(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     # Step 1 is warm-up; a step that stopped before its update (divergence) has no update time.
     return [r for r in rows if r["step"] > 1 and not r["is_hvp_step"] and math.isfinite(r["update_ms"])]

@@ -32,9 +32,10 @@ from tasks import TaskConfig
 from .checkpoint import Snapshots, capture_rng, restore_rng
 from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
+from .schedules import Schedule, build_scheduler, parse_schedule
 from .steps import (StepRoute, autocast, check_precision, compile_in_place, compiled_extras, double_backward_error,
                     world_and_rank)
-from .timing import Clock, PeakMemory, attribute_hvp_cost, summarise_timings
+from .timing import Clock, PeakMemory, attribute_hvp_cost, summarise_timings, tail_mean
 
 __all__ = ["Cell", "RunResult", "train", "DIVERGENCE_FACTOR", "is_diverged", "out_of_memory"]
 
@@ -65,6 +66,7 @@ class Cell:
     precision: str = "fp32"
     snapshot: str | None = None           # where the cell keeps its snapshot (bench.checkpoint)
     snapshot_every: float = 60.0          # seconds between snapshots
+    schedule: Schedule = Schedule()       # the learning-rate schedule (bench.schedules)
 
     @property
     def key(self) -> tuple:
@@ -74,7 +76,7 @@ class Cell:
         return train(self.task, self.optimizer, seed=self.seed, steps=self.steps, lr=self.lr,
                      task_config=self.task_config, eval_every=self.eval_every, accumulate=self.accumulate,
                      compile=self.compile, precision=self.precision, progress=progress, stop=stop,
-                     snapshot=self.snapshot, snapshot_every=self.snapshot_every)
+                     snapshot=self.snapshot, snapshot_every=self.snapshot_every, schedule=self.schedule)
 
 
 def is_diverged(loss: float, first: float) -> bool:
@@ -98,7 +100,8 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
           lr: float | None = None, task_config: TaskConfig | None = None, eval_every: int | None = None,
           accumulate: int = 1, compile: bool = False, precision: str = "fp32",
           progress: Progress | None = None, stop: Callable[[], bool] | None = None,
-          snapshot: str | os.PathLike | None = None, snapshot_every: float = 60.0) -> RunResult:
+          snapshot: str | os.PathLike | None = None, snapshot_every: float = 60.0,
+          schedule: str | Schedule | None = None) -> RunResult:
     """Train ``optimizer`` on ``task`` for ``steps`` steps (default: the task's).
 
     The learning rate is ``lr``, else the choice's own (``adam:lr=3e-4``), else the registry's default
@@ -111,7 +114,8 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
     and the evaluation, under autocast (with loss scaling for fp16; see :mod:`bench.steps`).  With
     ``snapshot`` (a file path) the run saves its state there every ``snapshot_every`` seconds and when
     ``stop()`` ends it, continues from it when it is found at the start, and removes it when the run
-    ends otherwise (on one process; see :mod:`bench.checkpoint`).  Task and optimizer construction
+    ends otherwise (on one process; see :mod:`bench.checkpoint`).  ``schedule`` (default: the task's)
+    multiplies the learning rate step by step (:mod:`bench.schedules`).  Task and optimizer construction
     errors propagate; a model that cannot be differentiated twice raises
     :class:`esgd.DoubleBackwardUnsupportedError`.
     """
@@ -126,6 +130,7 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
     if compile and world_and_rank()[0] > 1:
         raise BenchError("--compile together with --nproc > 1 is not supported")
     check_precision(precision, (task_config or TaskConfig()).device)
+    schedule = parse_schedule(schedule if schedule is not None else spec_task.default_schedule)
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -137,6 +142,7 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
         extra.update(compiled_extras(choice))
     opt = choice.create(problem.model.parameters(), task=task, seed=seed, **extra)
     route = StepRoute(problem, opt, choice, accumulate=accumulate, stop=stop, precision=precision)
+    scheduler = build_scheduler(schedule, opt, steps)
     head = {"task": task, "optimizer": choice.label, "lr": float(opt.param_groups[0]["lr"]), "seed": seed}
     clock, memory = Clock(config.device), PeakMemory(config.device)
     rows: list[dict[str, Any]] = []
@@ -145,13 +151,16 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
     snaps = None
     if snapshot is not None and route.world == 1:
         snaps = Snapshots(snapshot, snapshot_every, {**head, "steps": steps, "precision": precision,
-                                                     "accumulate": accumulate, "compile": bool(compile)})
+                                                     "accumulate": accumulate, "compile": bool(compile),
+                                                     "schedule": schedule.label})
         saved = snaps.load()
         if saved is not None:       # continue where the cell was stopped
             problem.model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             if route.scaler is not None and saved["scaler"] is not None:
                 route.scaler.load_state_dict(saved["scaler"])
+            if scheduler is not None and saved.get("scheduler") is not None:
+                scheduler.load_state_dict(saved["scheduler"])
             for _ in range(saved["drawn"]):
                 next(problem.batches)
             rows, evals, wall, first = saved["rows"], saved["evals"], saved["wall"], saved["first"]
@@ -162,6 +171,7 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
         return {"step": step, "drawn": drawn, "rows": rows, "evals": evals, "wall": wall, "first": first,
                 "model": problem.model.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": route.scaler.state_dict() if route.scaler is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": capture_rng(config.device)}
 
     def evaluate(row: dict[str, Any]) -> None:
@@ -177,12 +187,15 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
         # detaches the gradients at the end of every HVP step and zero_grad(set_to_none=True) drops
         # them, so the cycle never outlives the step.
         warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+        # A loss-scaled first step that overflows is skipped, and the schedule still advances: intended.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         try:
             for step in range(start, steps + 1):
                 if stop is not None and route.world == 1 and stop():
                     if snaps is not None:
                         snaps.save(capture(step - 1))
                     raise KeyboardInterrupt
+                step_lr = float(opt.param_groups[0]["lr"])
                 t0 = clock()
                 batch = next(problem.batches)
                 drawn += 1
@@ -196,9 +209,12 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
                 bad = is_diverged(value, first)
                 if not bad:
                     route.step()
+                    if scheduler is not None:
+                        scheduler.step()
                 t3 = clock() if not bad else t2
                 wall += t3 - t0
-                row = {**head, "step": step, "wall_time_s": wall, "loss": value, "is_hvp_step": hvp_step,
+                row = {**head, "step": step, "step_lr": step_lr, "wall_time_s": wall, "loss": value,
+                       "is_hvp_step": hvp_step,
                        "step_ms": (t3 - t0) * 1e3, "data_ms": (t1 - t0) * 1e3,
                        "fwd_bwd_ms": (t2 - t1) * 1e3, "hvp_ms": math.nan,
                        "update_ms": (t3 - t2) * 1e3 if not bad else math.nan, "precision": precision}
@@ -226,19 +242,28 @@ def train(task: str, optimizer: str | OptimizerChoice, *, seed: int = 0, steps: 
             evaluate(rows[-1])
         except Exception:   # noqa: BLE001 - a NaN model may not evaluate; the divergence is the result
             pass
+    tests: dict[str, float] = {}
+    if problem.test is not None and route.rank == 0 and status == "ok":
+        # Once, after the last step: nothing that tunes or stops a run ever sees the test split.
+        with autocast(precision, config.device):
+            tests = problem.test()
     if snaps is not None and status != "interrupted":
         snaps.discard()
     attribute_hvp_cost(rows)
     summary = {
         **head, "opt_name": choice.name, "steps": len(rows),
         "final_loss": rows[-1]["loss"] if rows else math.nan,
+        "tail_loss": tail_mean([r["loss"] for r in rows]),
         "eval_metric": spec_task.eval_metric,
         "eval_value": float(evals.get(spec_task.eval_metric, math.nan)),
+        "test_metric": spec_task.test_metric or "",
+        "test_value": float(tests.get(spec_task.test_metric, math.nan)) if spec_task.test_metric else math.nan,
         "wall_time_s": wall, **summarise_timings(rows), "peak_mem_mb": memory.peak_mb(),
         "status": status, "data_source": problem.data_source, "synthetic": bool(problem.synthetic),
         "device": str(config.device), "error": error,
         "hvp_method": getattr(opt, "hvp_method", "") if choice.second_order else "",
         "accumulate": accumulate, "world_size": route.world, "compiled": bool(compile), "precision": precision,
+        "schedule": schedule.label,
         "nonfinite_products": int(getattr(opt, "nonfinite_products", 0)),
         "continued_at_step": start - 1,     # > 0: this run went on from a snapshot taken at that step
     }

@@ -86,8 +86,10 @@ class Problem:
 
     ``loss(batch)`` is the objective the optimizer sees, loss scaling included; the runner logs
     ``loss / loss_scale`` so scaled variants are compared on the original objective.  ``evaluate()``
-    returns a dict of floats that contains ``eval_metric`` of the spec; it runs under ``torch.no_grad``
-    and must leave the model in training mode.
+    returns a dict of floats that contains ``eval_metric`` of the spec, measured on the validation split
+    where the task has one; it runs under ``torch.no_grad`` and must leave the model in training mode.
+    ``test()``, where given, measures the held-out test split the same way; the runner calls it once, at
+    the end of training, so that no choice made during tuning ever sees the test split.
     """
 
     model: nn.Module
@@ -99,6 +101,7 @@ class Problem:
     loss_scale: float = 1.0
     param_scale: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
+    test: Callable[[], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,5 +119,7 @@ class TaskSpec:
     target: float | None = None            # default target of eval_metric for time-to-target
     default_eval_every: int = 50
     base: str | None = None                # for scaled variants: the task they scale
+    test_metric: str | None = None         # key of test()'s dict reported at the end, where there is one
+    default_schedule: str = "constant"     # the lr schedule runs use unless told otherwise (bench.schedules)
     # option names and their defaults (``TaskConfig.options`` may set them); not hashed: a dict
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)

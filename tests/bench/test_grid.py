@@ -162,12 +162,40 @@ def test_sweep_grid_and_best():
     cells = plan_cells(make_config(dict(tasks=["rosenbrock"], optimizers=["sgd"], seeds=2, lrs=[0.1, 1.0]),
                                    sweep=True))
     assert [(c.lr, c.seed) for c in cells] == [(0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]
-    summary = pd.DataFrame({"task": "t", "optimizer": "sgd", "lr": [0.1, 0.1, 1.0, 1.0, 3.0, 3.0],
-                            "seed": [0, 1] * 3, "final_loss": [2.0, 4.0, 1.0, 2.0, 0.1, math.nan],
+    # Rosenbrock has no validation data: the rule is the mean training loss over the last 10% of steps.
+    summary = pd.DataFrame({"task": "rosenbrock", "optimizer": "sgd", "lr": [0.1, 0.1, 1.0, 1.0, 3.0, 3.0],
+                            "seed": [0, 1] * 3, "tail_loss": [2.0, 4.0, 1.0, 2.0, 0.1, math.nan],
+                            "final_loss": [0.0, 0.0, 9.0, 9.0, 0.0, 0.0],
                             "status": ["ok", "ok", "ok", "ok", "ok", "diverged"]})
     best = best_lrs(summary).set_index("lr")
-    assert best.loc[0.1, "mean_final_loss"] == 3.0 and math.isinf(best.loc[3.0, "mean_final_loss"])
-    assert best["best"].tolist() == [False, True, False]
+    assert best.loc[0.1, "score"] == 3.0 and math.isnan(best.loc[3.0, "score"])   # a diverged seed fails the lr
+    assert (best["criterion"] == "tail_loss").all() and best["best"].tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("task", ["mnist", "mnist-cnn", "cifar"])
+def test_a_sweep_picks_by_the_validation_metric_where_training_loss_disagrees(task):
+    # lr 0.1 trains to the lower loss but validates worse: it overfits.  The pick is lr 0.01.
+    summary = pd.DataFrame({"task": task, "optimizer": "adam", "lr": [0.01, 0.01, 0.1, 0.1],
+                            "seed": [0, 1] * 2, "final_loss": [0.5, 0.6, 0.01, 0.02],
+                            "tail_loss": [0.5, 0.6, 0.01, 0.02], "eval_value": [0.95, 0.93, 0.90, 0.91],
+                            "test_value": [0.5, 0.5, 0.99, 0.99], "status": "ok"})
+    best = best_lrs(summary).set_index("lr")
+    assert (best["criterion"] == "val_acc").all() and bool(best.loc[0.01, "best"]) and not best.loc[0.1, "best"]
+    assert best.loc[0.01, "score"] == pytest.approx(0.94)
+    # and lower-is-better metrics pick the minimum
+    summary["task"], summary["eval_value"] = "charlm", [2.0, 2.2, 2.5, 2.4]
+    assert best_lrs(summary).set_index("lr")["best"].tolist() == [True, False]
+
+
+def test_a_sweep_records_its_rule_and_budget(tmp_path):
+    result = run_benchmark(make_config(dict(tasks=["rosenbrock"], optimizers=["sgd", "adam"], seeds=2, steps=3,
+                                            lrs=[0.01, 0.1], out=tmp_path / "s"), sweep=True))
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    chosen = meta["selection"]["rosenbrock"]
+    assert chosen == result.selection["rosenbrock"]
+    assert chosen["criterion"] == "tail_loss" and chosen["grid_points"] == {"sgd": 2, "adam": 2}
+    assert chosen["seeds"] == 2 and chosen["steps"] == 3 and chosen["runs"] == 8
+    assert "tail_loss" in result.summary and result.summary["tail_loss"].notna().all()
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", '"a string"', "{not json"])

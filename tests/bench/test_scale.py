@@ -50,14 +50,6 @@ def test_esgd_m_flat_and_sgd_not(quadratic_runs, kind):
     assert v.loc["sgd", "verdict"].startswith("NOT flat")
 
 
-def test_final_loss_is_the_mean_of_the_last_tenth_of_steps():
-    losses = [float(i) for i in range(1, 21)]                  # 20 steps: the last 2 count
-    assert study.tail_loss(losses) == pytest.approx(19.5)
-    assert study.tail_loss(losses[:3]) == 3.0                  # at least the last step
-    assert math.isnan(study.tail_loss([]))
-    assert math.isnan(study.tail_loss([1.0, math.nan]))        # ended in NaN: no final loss
-
-
 def test_spread_definition():
     assert study.spread([2.0, 2.0]) == 0.0
     assert study.spread([1.0, 3.0]) == pytest.approx(2.0)            # max/min - 1 for positive losses

