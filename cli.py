@@ -242,6 +242,10 @@ def _execute(given: dict[str, Any], config_file: Optional[Path], sweep: bool) ->
     out = _stdout()
     for table in summary_table(result.summary):
         out.print(table)
+    for task, info in sorted(result.tasks.items()):
+        ref = info.get("reference")
+        if ref and task in set(result.summary.get("task", [])):
+            out.print(f"{task}: {info['eval_metric']} to beat: {ref['value']:.4g}, {ref['what']}")
     if sweep:
         best = best_lrs(result.summary)
         out.print(sweep_table(best))
@@ -413,17 +417,23 @@ def _choice(option: str, value: str, valid: tuple[str, ...]) -> str:
 
 @app.command()
 def plot(dirs: _Dirs,
-         x: Annotated[str, typer.Option(help="x-axis: step or time (training wall-clock seconds).")] = "step",
+         x: Annotated[str, typer.Option(
+             help="x-axis: step, time (training wall-clock seconds) or both (one row each).")] = "step",
          metric: Annotated[str, typer.Option(help="loss (training) or eval (the task's eval metric).")] = "loss",
          log_y: Annotated[bool, typer.Option("--log-y", help="Logarithmic y-axis.")] = False,
+         smooth: Annotated[float, typer.Option(
+             help="EMA weight for the loss curves, in [0, 1); the raw curve stays faint behind. 0: off.")] = 0.9,
          out: Annotated[Optional[Path], typer.Option(
              help="Image file, .png, .svg or .pdf. (default: <first folder>/<metric>_vs_<x>.png)")] = None) -> None:
     """Curves of every optimizer: mean over seeds with a min-max band, HVP steps marked."""
-    _choice("--x", x, ("step", "time"))
+    _choice("--x", x, ("step", "time", "both"))
     _choice("--metric", metric, ("loss", "eval"))
+    if not (0.0 <= smooth < 1.0):
+        _fail(f"--smooth must be in [0, 1), got {smooth:g}")
     with _guarded():
         from bench.plots import plot_results
-        path = plot_results(dirs, out or dirs[0] / f"{metric}_vs_{x}.png", x=x, metric=metric, log_y=log_y)
+        path = plot_results(dirs, out or dirs[0] / f"{metric}_vs_{x}.png", x=x, metric=metric, log_y=log_y,
+                            smooth=smooth)
     _stdout().print(f"plot: {path}")
 
 

@@ -63,6 +63,7 @@ class BenchResult:
     metrics: pd.DataFrame
     submitted: list[dict[str, Any]] = field(default_factory=list)    # the jobs of a cluster executor
     selection: dict[str, Any] = field(default_factory=dict)          # a sweep's rule and budget, per task
+    tasks: dict[str, Any] = field(default_factory=dict)              # meta.json's description of each task
 
 
 def lr_grid(choice: OptimizerChoice, task: str | None = None, points: int = 7) -> list[float]:
@@ -121,6 +122,8 @@ def _check_tasks(config: BenchConfig) -> dict[str, dict[str, Any]]:
                    "eval_metric": spec.eval_metric, "higher_is_better": spec.higher_is_better,
                    "target": spec.target, "options": dict(config.options.get(t, {})),
                    "schedule": config.schedule_for(t).label, "info": _recordable(problem.info),
+                   "reference": (None if problem.reference is None else
+                                 {"what": problem.reference[0], "value": float(problem.reference[1])}),
                    "data_source": problem.data_source, "synthetic": bool(problem.synthetic),
                    "loss_scale": problem.loss_scale, "param_scale": problem.param_scale,
                    "parameters": sum(p.numel() for p in problem.model.parameters())}
@@ -254,7 +257,7 @@ def run_benchmark(config: BenchConfig, *, reporter: Reporter | None = None,
                 folder.write_meta(meta)
     if stopped or signals.received is not None:
         raise RunInterrupted(out, signals.received or signal.SIGINT)
-    return BenchResult(out, summary, metrics, submitted, meta.get("selection", {}))
+    return BenchResult(out, summary, metrics, submitted, meta.get("selection", {}), meta.get("tasks", {}))
 
 
 def _follow(folder: ResultsFolder, todo: list[Cell], jobs: list[Any], since: float, reporter: Reporter,
@@ -336,10 +339,4 @@ def best_lrs(summary: pd.DataFrame) -> pd.DataFrame:
         if len(finite):
             pick = finite["score"].idxmax() if finite["higher_is_better"].iloc[0] else finite["score"].idxmin()
             table.loc[pick, "best"] = True
-    return table
-    table["best"] = False
-    for _, g in table.groupby(["task", "optimizer"]):
-        finite = g[np.isfinite(g["mean_final_loss"])]
-        if len(finite):
-            table.loc[finite["mean_final_loss"].idxmin(), "best"] = True
     return table

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import matplotlib
 
@@ -25,11 +25,12 @@ from .errors import BenchError  # noqa: E402
 from .readers import load_results  # noqa: E402
 from .store import as_bool, check_output_file, write_figure  # noqa: E402
 
-__all__ = ["FORMATS", "eval_column", "curve_frame", "plot_curves", "save_figure", "check_image_path",
+__all__ = ["FORMATS", "SMOOTH", "eval_column", "curve_frame", "smoothed", "plot_curves", "save_figure", "check_image_path",
            "plot_results"]
 
 FORMATS = (".png", ".svg", ".pdf")
 XAxis = Literal["step", "time"]
+SMOOTH = 0.9    # EMA weight of the loss curves: about the last ten steps
 Metric = Literal["loss", "eval"]
 
 # Fixed colours per optimizer so that every figure of a report reads the same way.
@@ -85,14 +86,26 @@ def curve_frame(metrics: pd.DataFrame, *, value: str, x: XAxis = "step") -> pd.D
     return out
 
 
-def plot_curves(metrics: pd.DataFrame, summary: pd.DataFrame | None = None, *, x: XAxis = "step",
+def smoothed(values: pd.Series, weight: float) -> pd.Series:
+    """The exponential moving average with ``weight`` on the past, bias-corrected so that its first
+    values are not pulled towards zero (pandas' ``ewm(adjust=True)``: a normalised weighted mean)."""
+    if not weight:
+        return values
+    return values.ewm(alpha=1.0 - weight, adjust=True).mean()
+
+
+def plot_curves(metrics: pd.DataFrame, summary: pd.DataFrame | None = None, *, x: XAxis | str = "step",
                 metric: Metric = "loss", log_y: bool = False, synthetic: bool | None = None,
-                title: str | None = None) -> Figure:
-    """One panel per task, one line per optimizer (mean over seeds) with its min-max band."""
-    if x not in ("step", "time"):
-        raise BenchError(f"x must be 'step' or 'time', got {x!r}")
+                title: str | None = None, smooth: float = SMOOTH) -> Figure:
+    """One panel per task (a row per x-axis with ``x="both"``), one line per optimizer (mean over seeds)
+    with its min-max band.  Loss curves are smoothed by an EMA of weight ``smooth`` (0 turns it off),
+    with the raw mean drawn faintly behind: one minibatch's loss varies by tens of percent."""
+    if x not in ("step", "time", "both"):
+        raise BenchError(f"x must be 'step', 'time' or 'both', got {x!r}")
     if metric not in ("loss", "eval"):
         raise BenchError(f"metric must be 'loss' or 'eval', got {metric!r}")
+    if not 0.0 <= smooth < 1.0:
+        raise BenchError(f"smooth must be in [0, 1), got {smooth!r}")
     if metrics.empty:
         raise BenchError("no metrics to plot")
     from .tables import add_labels
@@ -101,47 +114,59 @@ def plot_curves(metrics: pd.DataFrame, summary: pd.DataFrame | None = None, *, x
     tasks = list(dict.fromkeys(metrics["task"]))
     if synthetic is None:
         synthetic = _any_synthetic(summary)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        part = metrics[metrics["task"] == task]
-        value = "loss" if metric == "loss" else eval_column(part, summary, task)
-        if value is None:
-            raise BenchError(f"task {task!r} has no evaluation columns (eval_*) to plot")
-        curves = curve_frame(part, value=value, x=x)
-        if curves.empty:
-            raise BenchError(f"task {task!r} has no finite {value} values to plot")
-        for i, (opt, c) in enumerate(curves.groupby("label", sort=False)):
-            c = c.sort_values("step")
-            colour = line_colour(opt, i)
-            seeds = int(c["seeds"].max())
-            ax.plot(c["x"], c["mean"], color=colour, lw=1.6, label=f"{opt} (mean of {seeds} seed"
-                    f"{'s' if seeds != 1 else ''}{_failures(summary, task, opt)})")
-            if seeds > 1:
-                ax.fill_between(c["x"], c["min"], c["max"], color=colour, alpha=0.18, lw=0)
-            hvp = c[c["hvp"]]
-            if metric == "loss" and len(hvp):
-                ax.plot(hvp["x"], hvp["mean"], ls="none", marker="|", ms=7, mew=0.9, color=colour,
-                        alpha=0.8)
-        ax.set_xlabel("optimizer step" if x == "step" else "training wall-clock time (s)")
-        ax.set_ylabel("training loss (unscaled)" if metric == "loss" else value.removeprefix("eval_"))
-        if log_y:
-            ax.set_yscale("log")
-        ax.set_title(task)
-        ax.grid(True, alpha=0.3, which="both" if log_y else "major")
-        # Proxy artists for what the band and the ticks mean: a reader should not have to guess.
-        handles, labels = ax.get_legend_handles_labels()
-        handles.append(plt.Rectangle((0, 0), 1, 1, color="grey", alpha=0.25))
-        labels.append("band: min-max over seeds")
-        if metric == "loss" and curves["hvp"].any():
-            handles.append(plt.Line2D([], [], ls="none", marker="|", ms=7, color="grey"))
-            labels.append("HVP step (Hessian-vector product)")
-        ax.legend(handles, labels, fontsize=8, loc="best")
+    rows = ["step", "time"] if x == "both" else [x]
+    smooth = smooth if metric == "loss" else 0.0     # evaluations are few and already averaged
+    fig, axes = plt.subplots(len(rows), len(tasks), figsize=(6.4 * len(tasks), 4.4 * len(rows)), squeeze=False)
+    for row, axis in zip(axes, rows):
+        for ax, task in zip(row, tasks):
+            _panel(ax, metrics[metrics["task"] == task], summary, task, axis, metric, log_y, smooth)
     heading = title or ("Training loss" if metric == "loss" else "Evaluation metric")
     if synthetic:
         heading += " — SYNTHETIC DATA (says nothing about real data)"
     fig.suptitle(heading, color="darkred" if synthetic else "black")
     fig.tight_layout()
     return fig
+
+
+def _panel(ax: Any, part: pd.DataFrame, summary: pd.DataFrame | None, task: str, x: XAxis, metric: Metric,
+           log_y: bool, smooth: float) -> None:
+    value = "loss" if metric == "loss" else eval_column(part, summary, task)
+    if value is None:
+        raise BenchError(f"task {task!r} has no evaluation columns (eval_*) to plot")
+    curves = curve_frame(part, value=value, x=x)
+    if curves.empty:
+        raise BenchError(f"task {task!r} has no finite {value} values to plot")
+    for i, (opt, c) in enumerate(curves.groupby("label", sort=False)):
+        c = c.sort_values("step")
+        colour = line_colour(opt, i)
+        seeds = int(c["seeds"].max())
+        if smooth:
+            ax.plot(c["x"], c["mean"], color=colour, lw=0.7, alpha=0.25)
+            c = c.assign(**{k: smoothed(c[k], smooth) for k in ("mean", "min", "max")})
+        ax.plot(c["x"], c["mean"], color=colour, lw=1.6, label=f"{opt} (mean of {seeds} seed"
+                f"{'s' if seeds != 1 else ''}{_failures(summary, task, opt)})")
+        if seeds > 1:
+            ax.fill_between(c["x"], c["min"], c["max"], color=colour, alpha=0.18, lw=0)
+        hvp = c[c["hvp"]]
+        if metric == "loss" and len(hvp):
+            ax.plot(hvp["x"], hvp["mean"], ls="none", marker="|", ms=7, mew=0.9, color=colour, alpha=0.8)
+    ax.set_xlabel("optimizer step" if x == "step" else "training wall-clock time (s)")
+    ax.set_ylabel("training loss (unscaled)" if metric == "loss" else value.removeprefix("eval_"))
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(task)
+    ax.grid(True, alpha=0.3, which="both" if log_y else "major")
+    # Proxy artists for what the band, the smoothing and the ticks mean: a reader should not have to guess.
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(plt.Rectangle((0, 0), 1, 1, color="grey", alpha=0.25))
+    labels.append("band: min-max over seeds")
+    if smooth:
+        handles.append(plt.Line2D([], [], color="grey", lw=0.7, alpha=0.4))
+        labels.append(f"faint: per-step mean; lines: its EMA ({smooth:g})")
+    if metric == "loss" and curves["hvp"].any():
+        handles.append(plt.Line2D([], [], ls="none", marker="|", ms=7, color="grey"))
+        labels.append("HVP step (Hessian-vector product)")
+    ax.legend(handles, labels, fontsize=8, loc="best")
 
 
 def _failures(summary: pd.DataFrame | None, task: str, label: str) -> str:
@@ -174,9 +199,10 @@ def check_image_path(path: str | os.PathLike) -> Path:
     return check_output_file(path, FORMATS)
 
 
-def plot_results(dirs: list[str | os.PathLike], out: str | os.PathLike, *, x: XAxis = "step",
-                 metric: Metric = "loss", log_y: bool = False) -> Path:
+def plot_results(dirs: list[str | os.PathLike], out: str | os.PathLike, *, x: XAxis | str = "step",
+                 metric: Metric = "loss", log_y: bool = False, smooth: float = SMOOTH) -> Path:
     """Load results folders and save their curves to ``out``."""
     check_image_path(out)
     results = load_results(dirs)
-    return save_figure(plot_curves(results.metrics, results.summary, x=x, metric=metric, log_y=log_y), out)
+    return save_figure(plot_curves(results.metrics, results.summary, x=x, metric=metric, log_y=log_y,
+                                   smooth=smooth), out)

@@ -156,22 +156,27 @@ def plot_scale(runs: pd.DataFrame, flat_spread: float = FLAT_SPREAD) -> Figure:
     verdict = verdicts(summary, flat_spread).set_index("optimizer")
     task, kind = runs["task"].iloc[0], runs["kind"].iloc[0]
     synthetic = "synthetic" in runs and bool(as_bool(runs["synthetic"]).any())
+    # Lines and bands are drawn from the runs that finished ok: one diverged run's loss of 1e18 would
+    # otherwise set the y-axis and press the flat lines, the point of the figure, into one at the bottom.
+    ok_runs = runs[runs["status"].astype(str) == "ok"]
+    drawn = summarise_scale(ok_runs) if len(ok_runs) else summary.iloc[0:0]
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     any_failed = False
     for i, (opt, part) in enumerate(summary.groupby("optimizer", sort=False)):
         colour = line_colour(opt, i)
         v = verdict.loc[opt]
         label = f"{opt} (lr {v['lr']:g}): {v['verdict']}, spread {v['spread']:.3g}"
-        ax.plot(part["factor"], part["mean"], marker="o", color=colour, lw=1.6, label=label)
-        if (part["runs"] > 1).any():
-            ax.fill_between(part["factor"], part["min"], part["max"], color=colour, alpha=0.18, lw=0)
+        line = drawn[drawn["optimizer"] == opt]
+        ax.plot(line["factor"], line["mean"], marker="o", color=colour, lw=1.6, label=label)
+        if (line["runs"] > 1).any():
+            ax.fill_between(line["factor"], line["min"], line["max"], color=colour, alpha=0.18, lw=0)
         failed = part[part["ok"] < part["runs"]]
         if len(failed):     # a crossed marker on the top edge: a run at this factor diverged or failed
             ax.plot(failed["factor"], [0.97] * len(failed), ls="none", marker="x", ms=9, mew=2, color=colour,
                     transform=ax.get_xaxis_transform(), clip_on=False)
             any_failed = True
     ax.set_xscale("log")
-    finite = summary["mean"][np.isfinite(summary["mean"])]
+    finite = drawn["mean"][np.isfinite(drawn["mean"])]
     if len(finite) and finite.min() > 0:
         ax.set_yscale("log")
     what = "loss multiplied by" if kind == "loss" else "parameters rescaled by"
@@ -189,7 +194,7 @@ def plot_scale(runs: pd.DataFrame, flat_spread: float = FLAT_SPREAD) -> Figure:
     handles, labels = ax.get_legend_handles_labels()
     if any_failed:
         handles.append(plt.Line2D([], [], ls="none", marker="x", mew=2, color="grey"))
-        labels.append("x on the top edge: a run diverged or failed at that factor")
+        labels.append("x on the top edge: a run diverged or failed at that factor (lines: ok runs only)")
     ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     return fig

@@ -89,7 +89,9 @@ class Problem:
     returns a dict of floats that contains ``eval_metric`` of the spec, measured on the validation split
     where the task has one; it runs under ``torch.no_grad`` and must leave the model in training mode.
     ``test()``, where given, measures the held-out test split the same way; the runner calls it once, at
-    the end of training, so that no choice made during tuning ever sees the test split.
+    the end of training, so that no choice made during tuning ever sees the test split.  ``reference``,
+    where given, is a score in the eval metric's units that any learning must beat and what it is (for
+    a language model, the unigram entropy of its training text); the runner records and prints it.
     """
 
     model: nn.Module
@@ -102,6 +104,7 @@ class Problem:
     param_scale: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
     test: Callable[[], dict[str, float]] | None = None
+    reference: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,9 @@ def build(config: TaskConfig) -> Problem:
     return Problem(model=model, batches=batches, loss=loss,
                    evaluate=lambda: text.bits_per_byte(model, val, "val"),
                    test=lambda: text.bits_per_byte(model, test, "test"),
-                   data_source=corpus.source, synthetic=corpus.synthetic, info=info)
+                   data_source=corpus.source, synthetic=corpus.synthetic, info=info,
+                   reference=("the unigram entropy of the training text, the score of a model that ignores "
+                              "the context", info["unigram_bpb"]))
 
 
 TASK = TaskSpec(name="charlm", description="Byte-level GPT (4 layers, width 128, 0.84M params) on Python "

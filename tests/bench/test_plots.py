@@ -8,11 +8,12 @@ import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from bench.errors import BenchError, ResultsError
-from bench.plots import FORMATS, curve_frame, plot_curves, plot_results, save_figure
+from bench.plots import FORMATS, curve_frame, plot_curves, plot_results, save_figure, smoothed
 from bench.tables import add_labels
 from cli import app
 from tests.bench.fake_results import frames, one_error, snapshot, write_results
@@ -25,7 +26,7 @@ MAGIC = {".png": lambda data: data.startswith(b"\x89PNG\r\n\x1a\n"),
          ".pdf": lambda data: data.startswith(b"%PDF-")}
 
 
-@pytest.mark.parametrize("x", ["step", "time"])
+@pytest.mark.parametrize("x", ["step", "time", "both"])
 @pytest.mark.parametrize("metric", ["loss", "eval"])
 @pytest.mark.parametrize("suffix", [".png", ".svg"])
 def test_plot_written_and_non_empty(tmp_path, x, metric, suffix):
@@ -74,6 +75,46 @@ def test_curve_frame_means_over_seeds_and_marks_hvp_steps():
     assert c.loc[("sgd", 1), "seeds"] == 3 and c.loc[("sgd", 2), "seeds"] == 2   # diverged seed stops
     ev = curve_frame(metrics, value="eval_dist").set_index(["label", "step"])
     assert sorted(set(ev.index.get_level_values("step"))) == [2, 4]
+
+
+def test_smoothing_is_the_bias_corrected_ema():
+    values = [4.0, 2.0, 3.0, 10.0, 1.0]
+    for weight in (0.0, 0.5, 0.9):
+        acc, want = 0.0, []
+        for t, v in enumerate(values, start=1):           # Adam's correction of a zero-started average
+            acc = weight * acc + (1 - weight) * v
+            want.append(acc / (1 - weight ** t) if weight else v)
+        assert smoothed(pd.Series(values), weight).tolist() == pytest.approx(want)
+
+
+def test_loss_curves_are_smoothed_over_the_faint_raw_mean_and_both_axes_are_drawn():
+    metrics, summary = frames()
+    fig = plot_curves(metrics, summary, x="both", smooth=0.5)
+    try:
+        assert len(fig.axes) == 2 and [ax.get_xlabel() for ax in fig.axes] == [
+            "optimizer step", "training wall-clock time (s)"]
+        ax = fig.axes[0]
+        raw = curve_frame(add_labels(metrics, summary)[0], value="loss").query("label == 'esgd-m'")["mean"]
+        lines = [line for line in ax.get_lines() if line.get_color() == "tab:red" and line.get_linestyle() == "-"]
+        faint, smooth = lines[0], lines[1]
+        assert faint.get_alpha() < 0.5 and list(faint.get_ydata()) == pytest.approx(raw.tolist())
+        assert list(smooth.get_ydata()) == pytest.approx(smoothed(raw.reset_index(drop=True), 0.5).tolist())
+        assert any("EMA" in t.get_text() for t in ax.get_legend().get_texts())
+    finally:
+        plt.close(fig)
+    fig = plot_curves(metrics, summary, metric="eval")        # evaluations are not smoothed
+    try:
+        assert not any("EMA" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("smooth", ["1", "-0.1", "nan"])
+def test_bad_smoothing_is_one_line(tmp_path, smooth):
+    d = write_results(tmp_path / "r")
+    result = runner.invoke(app, ["plot", str(d), "--smooth", smooth])
+    assert result.exit_code == 2 and "--smooth must be in [0, 1)" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("bad, why", [("c.jpg", "unsupported file type '.jpg'"),

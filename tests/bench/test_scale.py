@@ -67,6 +67,22 @@ def test_outputs_written(tmp_path, quadratic_runs):
     assert json.loads(paths["study"].read_text()) == {"task": "quadratic", "flat_spread": 0.5}
 
 
+def test_the_plot_is_framed_on_the_runs_that_finished(quadratic_runs):
+    """A diverged run's enormous loss marks its factor on the top edge and does not set the y-axis."""
+    import matplotlib.pyplot as plt
+    runs = quadratic_runs["params"].copy()
+    bad = (runs["optimizer"] == "sgd") & (runs["factor"] == 10.0)
+    runs.loc[bad, ["final_loss", "status"]] = [1e18, "diverged"]
+    fig = study.plot_scale(runs)
+    try:
+        ax = fig.axes[0]
+        finite = runs.loc[~bad, "final_loss"]
+        assert ax.get_ylim()[1] < 10 * finite.max()
+        assert any(line.get_marker() == "x" for line in ax.get_lines())
+    finally:
+        plt.close(fig)
+
+
 @pytest.mark.parametrize("spec", [s.name for s in list_optimizers()])
 def test_one_lr_per_optimizer_over_the_factors(spec):
     """Each optimizer keeps one lr at every factor: its registry lr for the base task, the one its

@@ -4,15 +4,18 @@ data_file option and its errors, the unigram baseline, fixed evaluation windows,
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import tasks
 from bench.train import train
+from cli import app
 from tasks import TaskConfig, TaskDataError, TaskOptionError, charlm, text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,6 +99,19 @@ def test_unigram_entropy_is_a_sane_baseline() -> None:
     synthetic = tasks.build_task("charlm", TaskConfig(synthetic=True, batch_size=4, options=SMALL))
     assert synthetic.synthetic and "synthetic" in synthetic.data_source
     assert 7.99 < synthetic.info["unigram_bpb"] <= 8.0
+    assert problem.reference is not None and problem.reference[1] == problem.info["unigram_bpb"]
+
+
+def test_run_prints_the_score_to_beat(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "charlm", "--opt", "adam", "--seeds", "1", "--steps", "2",
+                                      "--batch-size", "4", "--out", str(tmp_path / "r"),
+                                      *[f"--option={k}={v}" for k, v in SMALL.items()]])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "to beat" in x)
+    value = float(line.split("to beat:")[1].split(",")[0])
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())["tasks"]["charlm"]
+    assert meta["reference"]["value"] == pytest.approx(value, rel=1e-3)
+    assert 3.0 < value < 8.0 and "unigram entropy" in line
 
 
 def test_validation_and_test_windows_are_fixed() -> None:
