@@ -11,7 +11,8 @@ One row per task x optimizer, from a results folder's summary and metrics:
 - time to target: per seed, the training wall time of the first logged step whose eval metric reaches the
   task's default target (``TaskSpec.target``) or ``target``; on the training loss with ``target_loss``;
   median over the seeds that reached it, and how many did;
-- final loss and eval metric: mean and sample standard deviation over the seeds whose status is ok.
+- final loss, eval metric (validation) and test metric (scored once at the end of a run): mean and
+  sample standard deviation over the seeds whose status is ok.
 """
 
 from __future__ import annotations
@@ -128,9 +129,12 @@ def wall_clock_table(metrics: pd.DataFrame, summary: pd.DataFrame, *, target: fl
             row["ttt_s"], row["ttt_reached"], row["target"] = math.nan, 0, ""
         losses = pd.to_numeric(ok["final_loss"], errors="coerce")
         row["final_loss_mean"], row["final_loss_std"] = losses.mean(), losses.std(ddof=1)
-        values = pd.to_numeric(ok["eval_value"], errors="coerce") if "eval_value" in ok else pd.Series([], float)
+        values = pd.to_numeric(ok["eval_value"], errors="coerce") if "eval_value" in ok else pd.Series([], dtype=float)
         row["eval_metric"] = eval_metric or ""
         row["eval_mean"], row["eval_std"] = values.mean(), values.std(ddof=1)
+        tests = pd.to_numeric(ok["test_value"], errors="coerce") if "test_value" in ok else pd.Series([], dtype=float)
+        row["test_metric"] = next(iter(ok["test_metric"].dropna().astype(str)), "") if "test_metric" in ok else ""
+        row["test_mean"], row["test_std"] = tests.mean(), tests.std(ddof=1)
         rows.append(row)
     table = pd.DataFrame(rows)
     for ref in ("sgd", "adam"):
@@ -138,7 +142,7 @@ def wall_clock_table(metrics: pd.DataFrame, summary: pd.DataFrame, *, target: fl
                               for task, value in zip(table["task"], table["amortised_ms"])]
     order = ["task", "optimizer", "runs", "runs_ok", "step_ms", "hvp_ms", "hvp_x_grad", "amortised_ms",
              "vs_sgd", "vs_adam", "target", "ttt_s", "ttt_reached", "final_loss_mean", "final_loss_std",
-             "eval_metric", "eval_mean", "eval_std"]
+             "eval_metric", "eval_mean", "eval_std", "test_metric", "test_mean", "test_std"]
     return table[order]
 
 
@@ -164,7 +168,7 @@ def _spread(mean: float, std: float) -> str:
 
 
 HEADERS = ["task", "optimizer", "runs ok", "step (ms)", "HVP extra (ms)", "HVP / grad",
-           "amortised (ms/step)", "vs SGD", "vs Adam", "time to target", "final loss", "eval"]
+           "amortised (ms/step)", "vs SGD", "vs Adam", "time to target", "final loss", "eval", "test"]
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -177,10 +181,11 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         else:
             ttt = "—"
         evals = f"{r.eval_metric} {_spread(r.eval_mean, r.eval_std)}" if r.eval_metric else "—"
+        tests = f"{r.test_metric} {_spread(r.test_mean, r.test_std)}" if r.test_metric else "—"
         out.append([str(r.task), str(r.optimizer), f"{r.runs_ok}/{r.runs}", _num(r.step_ms, "{:.3g}"),
                     _num(r.hvp_ms, "{:.3g}"), _num(r.hvp_x_grad, "{:.2f}", "x"), _num(r.amortised_ms, "{:.3g}"),
                     _num(r.vs_sgd, "{:.2f}", "x"), _num(r.vs_adam, "{:.2f}", "x"), ttt,
-                    _spread(r.final_loss_mean, r.final_loss_std), evals])
+                    _spread(r.final_loss_mean, r.final_loss_std), evals, tests])
     return pd.DataFrame(out, columns=HEADERS)
 
 
@@ -192,6 +197,7 @@ def rich_table(table: pd.DataFrame, title: str = "Wall-clock and convergence") -
         raw = table[table["task"] == task]
         targets = ", ".join(t for t in dict.fromkeys(raw["target"]) if t)
         metric = next((m for m in raw["eval_metric"] if m), "eval")
+        test = next((m for m in raw["test_metric"] if m), None)
         cost = Table(title=f"Cost per step: {task}", box=box.SIMPLE_HEAD,
                      caption="medians over seeds; HVP/grad: HVP extra cost in gradient evaluations; "
                              "amort.: training time / steps")
@@ -199,12 +205,14 @@ def rich_table(table: pd.DataFrame, title: str = "Wall-clock and convergence") -
                      box=box.SIMPLE_HEAD, caption="mean ± sample std over the seeds that finished ok")
         for t, heads in ((cost, ["optimizer", "step ms", "HVP ms", "HVP/grad", "amort. ms", "vs SGD",
                                  "vs Adam"]),
-                         (conv, ["optimizer", "ok", "time to target", "final loss", metric])):
+                         (conv, ["optimizer", "ok", "time to target", "final loss", metric]
+                          + ([test] if test else []))):
             for i, name in enumerate(heads):
                 t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
         for r, ttt in zip(part.itertuples(index=False), _short_ttt(raw)):
             cost.add_row(r[1], *r[3:9])
-            conv.add_row(r[1], r[2], ttt, r[10], r[11].split(" ", 1)[1] if r[11] != "—" else r[11])
+            conv.add_row(r[1], r[2], ttt, r[10], *[v.split(" ", 1)[1] if v != "—" else v
+                                                   for v in (r[11], r[12])[:2 if test else 1]])
         parts += [cost, conv]
     return Group(*parts)
 

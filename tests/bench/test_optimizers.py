@@ -56,6 +56,8 @@ def test_scaled_variant_uses_base_lr(name):
     spec = get_optimizer(name)
     assert default_lr(spec, "rosenbrock-loss-x1000") == default_lr(spec, "rosenbrock")
     assert parse_optimizer(name).lr_for("rosenbrock-params-x0.01") == default_lr(spec, "rosenbrock")
+    # the base of a scaled variant is the whole task name before the scale, dashes and all
+    assert default_lr(spec, "mnist-cnn-params-x10") == default_lr(spec, "mnist-cnn")
 
 
 def test_several_keys_and_tuples():

@@ -62,6 +62,18 @@ def test_target_override_and_target_on_loss():
     assert t.loc["adam", "ttt_reached"] == 0 and math.isnan(t.loc["adam", "ttt_s"])
 
 
+def test_test_metric_is_its_own_column_over_the_ok_seeds():
+    metrics, summary = frames()
+    assert (format_table(wall_clock_table(metrics, summary))["test"] == "—").all()    # no test split
+    summary = summary.assign(test_metric="test_acc", test_value=[0.5 + i / 10 for i in range(len(summary))])
+    t = wall_clock_table(metrics, summary).set_index("optimizer")
+    for opt, runs in summary.groupby("optimizer"):
+        ok = runs[runs["status"] == "ok"]["test_value"]
+        assert _close(t.loc[opt, "test_mean"], ok.mean()) and _close(t.loc[opt, "test_std"], ok.std(ddof=1))
+        assert t.loc[opt, "test_metric"] == "test_acc"
+    assert format_table(t.reset_index())["test"].str.startswith("test_acc ").all()
+
+
 def test_references_missing_give_empty_ratios():
     metrics, summary = frames()
     keep = summary["optimizer"] == "esgd-m"
