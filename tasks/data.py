@@ -99,9 +99,10 @@ def _stratified_split(y: torch.Tensor, val_per_class: int,
     return tuple(s[torch.randperm(len(s), generator=gen)] for s in (train, val, test))
 
 
-def _hold_out(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """``(x_train, y_train, x_val, y_val)``: ``n`` examples of a training set set aside for validation,
-    drawn with the fixed split seed."""
+def _hold_out(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(x_train, y_train, x_val, y_val)``: ``VALIDATION_SIZE`` examples of a training set (at most a
+    sixth of it) set aside for validation, drawn with the fixed split seed."""
+    n = min(VALIDATION_SIZE, len(y) // 6)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
     val, train = order[:n], order[n:]
     return x[train], y[train], x[val], y[val]
@@ -141,7 +142,7 @@ def load_mnist(config: TaskConfig, source: str = "auto") -> ImageData:
     except Exception as err:  # torchvision raises RuntimeError, URLError, OSError... for a failed load
         raise TaskDataError(f"could not load MNIST from {raw} (download={config.download}): {err}") from None
     (xtr, ytr), (xte, yte) = ((s.data.view(-1, 1, 28, 28), s.targets.long()) for s in sets)
-    xtr, ytr, xva, yva = _hold_out(xtr, ytr, min(VALIDATION_SIZE, len(ytr) // 6))
+    xtr, ytr, xva, yva = _hold_out(xtr, ytr)
     return ImageData(xtr, ytr, xva, yva, xte, yte, *MNIST_STATS,
                      source=f"mnist-torchvision ({len(ytr):,} train / {len(yva):,} validation / "
                             f"{len(yte):,} test)")
@@ -168,7 +169,7 @@ def load_cifar10(config: TaskConfig) -> ImageData:
                             "that holds cifar-10-batches-py.") from None
     (xtr, ytr), (xte, yte) = ((torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
                                torch.tensor(s.targets, dtype=torch.long)) for s in sets)
-    xtr, ytr, xva, yva = _hold_out(xtr, ytr, min(VALIDATION_SIZE, len(ytr) // 6))
+    xtr, ytr, xva, yva = _hold_out(xtr, ytr)
     return ImageData(xtr, ytr, xva, yva, xte, yte, *CIFAR_STATS,
                      source=f"cifar10-torchvision ({len(ytr):,} train / {len(yva):,} validation / "
                             f"{len(yte):,} test)")
