@@ -407,6 +407,8 @@ _Target = Annotated[Optional[float], typer.Option(
     help="Time-to-target threshold on the eval metric. (default: the task's target)")]
 _TargetLoss = Annotated[Optional[float], typer.Option(
     help="Time to reach this training loss instead of the eval-metric target.")]
+_Only = Annotated[Optional[list[str]], typer.Option(
+    "--only", help="Show only this optimizer (as the results name it), repeatable.")]
 
 
 def _choice(option: str, value: str, valid: tuple[str, ...]) -> str:
@@ -424,7 +426,8 @@ def plot(dirs: _Dirs,
          smooth: Annotated[float, typer.Option(
              help="EMA weight for the loss curves, in [0, 1); the raw curve stays faint behind. 0: off.")] = 0.9,
          out: Annotated[Optional[Path], typer.Option(
-             help="Image file, .png, .svg or .pdf. (default: <first folder>/<metric>_vs_<x>.png)")] = None) -> None:
+             help="Image file, .png, .svg or .pdf. (default: <first folder>/<metric>_vs_<x>.png)")] = None,
+         only: _Only = None) -> None:
     """Curves of every optimizer: mean over seeds with a min-max band, HVP steps marked."""
     _choice("--x", x, ("step", "time", "both"))
     _choice("--metric", metric, ("loss", "eval"))
@@ -433,7 +436,7 @@ def plot(dirs: _Dirs,
     with _guarded():
         from bench.plots import plot_results
         path = plot_results(dirs, out or dirs[0] / f"{metric}_vs_{x}.png", x=x, metric=metric, log_y=log_y,
-                            smooth=smooth)
+                            smooth=smooth, only=only)
     _stdout().print(f"plot: {path}")
 
 
@@ -441,8 +444,11 @@ def plot(dirs: _Dirs,
 def table(dirs: _Dirs,
           format: Annotated[str, typer.Option("--format", help="rich, markdown or csv.")] = "rich",
           target: _Target = None, target_loss: _TargetLoss = None,
-          out: Annotated[Optional[Path], typer.Option(help="Also write the table to FILE.csv or FILE.md.")] = None
-          ) -> None:
+          out: Annotated[Optional[Path], typer.Option(help="Also write the table to FILE.csv or FILE.md.")] = None,
+          against: Annotated[Optional[str], typer.Option(
+              help="Instead: does each optimizer end like this one? Mean tail loss and test metric "
+                   "against its min-max over seeds (e.g. --against esgd-m for the cheap estimates).")] = None,
+          only: _Only = None) -> None:
     """Wall-clock table per task x optimizer: step and HVP cost, cost vs SGD/Adam, time to target, final loss."""
     _choice("--format", format, ("rich", "markdown", "csv"))
     with _guarded():
@@ -451,11 +457,20 @@ def table(dirs: _Dirs,
         if out is not None:
             from bench.store import check_output_file
             check_output_file(out, TABLE_SUFFIXES)
-        results = load_results(dirs)
-        frame = wall_clock_table(results.metrics, results.summary, target=target, target_loss=target_loss)
-        if out is not None:
-            write_table(frame, out)
-        shown = render_table(frame, format)
+        results = load_results(dirs, only)
+        if against is not None:
+            from bench.agreement import agreement_table, render_agreement
+            frame = agreement_table(results.summary, against)
+            if out is not None:
+                from bench.store import write_csv, write_text
+                write_csv(frame, out) if out.suffix.lower() == ".csv" else \
+                    write_text(out, render_agreement(frame, "markdown"))
+            shown = render_agreement(frame, format)
+        else:
+            frame = wall_clock_table(results.metrics, results.summary, target=target, target_loss=target_loss)
+            if out is not None:
+                write_table(frame, out)
+            shown = render_table(frame, format)
     if format == "rich":
         _stdout().print(shown)
     else:
@@ -587,24 +602,28 @@ def regress(baseline: Annotated[Path, typer.Option(help="Baseline JSON.")] = Pat
 
 
 @app.command()
-def perf(task: Annotated[str, typer.Option(help="mnist, cifar or all.")] = "all",
+def perf(task: Annotated[str, typer.Option(help="mnist, mnist-cnn, cifar, charlm or all.")] = "all",
          device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
          out: Annotated[Optional[Path], typer.Option(help="Output folder. (default: results/perf-<timestamp>)")]
          = None,
          compile: Annotated[bool, typer.Option("--compile", help="Also time compiled models (second order "
                                                                  "by finite differences).")] = False,
          rounds: Annotated[Optional[int], typer.Option(help="Timed rounds per task. (default: mnist 12, "
-                                                            "cifar 5)")] = None,
+                                                            "mnist-cnn and cifar 5, charlm 4)")] = None,
          batch_size: _BatchSize = None,
          widths: Annotated[str, typer.Option(help="MLP widths of the parameter sweep, comma-separated; "
                                                   "'none' skips it.")] = "110,678,2789",
          memory: Annotated[bool, typer.Option(help="Measure peak memory in fresh processes.")] = True,
          threads: Annotated[Optional[int], typer.Option(help="torch threads. (default: torch's)")] = None,
          precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (see run --help).")] = "fp32",
+         profile: Annotated[bool, typer.Option("--profile", help="Also profile where each exact product's "
+                                                                 "time goes (profile.csv).")] = False,
          option: _Option = None) -> None:
-    """Step cost of ESGD-M (exact, sub-batch and finite-difference HVP), ESGD, SGD and Adam, as ratios."""
-    names = ["mnist", "cifar"] if task == "all" else [task]
-    _choice("--task", task, ("mnist", "cifar", "all"))
+    """Step cost of ESGD-M (exact, sub-batch, paired and finite-difference HVP), ESGD, SGD and Adam, as
+    ratios to Adam, each exact route against its arithmetic floor."""
+    from bench.perf import ALL_TASKS
+    names = list(ALL_TASKS) if task == "all" else [task]
+    _choice("--task", task, ALL_TASKS + ("all",))
     _choice("--device", device, ("cpu", "cuda", "auto"))
     try:
         width_list = [] if widths.strip().lower() in ("none", "") else [int(w) for w in widths.split(",")]
@@ -623,11 +642,17 @@ def perf(task: Annotated[str, typer.Option(help="mnist, cifar or all.")] = "all"
         from bench.display import perf_table, targets_table
         config = pf.PerfConfig(tasks=names, device=device, out=out, compile=compile, rounds=rounds,
                                batch_size=batch_size, widths=width_list, memory=memory, threads=threads,
-                               options=options, precision=precision)
+                               options=options, precision=precision, profile=profile)
         with console.status("perf") as status:
             path, result = pf.run_perf(config, argv=["esgd-bench"] + sys.argv[1:],
                                        progress=lambda what, i, n: status.update(f"perf: {what} ({i + 1}/{n})"))
     for shown in perf_table(result):
         console.print(shown)
     console.print(targets_table(pf.target_checks(result)))
-    console.print(f"perf: {path / 'perf.csv'} and {path / 'meta.json'}")
+    if (path / "profile.csv").is_file():
+        import pandas as pd
+        from bench.display import profile_tables
+        for shown in profile_tables(pd.read_csv(path / "profile.csv")):
+            console.print(shown)
+    console.print(f"perf: {path / 'perf.csv'} and {path / 'meta.json'}"
+                  + (f", {path / 'profile.csv'}" if (path / "profile.csv").is_file() else ""))

@@ -90,7 +90,7 @@ class OptimizerChoice:
     ``given`` holds the settings as typed (their canonical text is :attr:`label`, which names the runs
     in every result); :meth:`create` builds the optimizer from the entry's defaults, the task's default
     learning rate, ``given`` and the caller's extras, in that order.  ``hvp_fraction`` is an option of
-    the training loop, not of the constructor.
+    the training loop, not of the constructor, and so is ``hvp_paired``.
     """
 
     spec: OptimizerSpec
@@ -112,6 +112,10 @@ class OptimizerChoice:
     @property
     def hvp_fraction(self) -> float:
         return float(self.given.get("hvp_fraction", self.spec.defaults.get("hvp_fraction", 1.0)))
+
+    @property
+    def hvp_paired(self) -> bool:
+        return bool(self.given.get("hvp_paired", self.spec.defaults.get("hvp_paired", False)))
 
     @property
     def label(self) -> str:
@@ -240,7 +244,10 @@ def _check(choice: OptimizerChoice) -> None:
             raise OptimizerSpecError(f"{spec.name}: unknown option {key!r}.{hint} "
                                      f"Valid options: {', '.join(valid)}")
         if key in LOOP_OPTIONS and key not in params:
-            if not (_number(value) and 0 < value <= 1):
+            if isinstance(LOOP_OPTIONS[key], bool):
+                if not isinstance(value, bool):
+                    raise OptimizerSpecError(f"{spec.name}: bad value for {key}: {value!r} (must be true or false)")
+            elif not (_number(value) and 0 < value <= 1):
                 raise OptimizerSpecError(f"{spec.name}: bad value for {key}: {value!r} "
                                          "(must be a fraction of the batch in (0, 1])")
             continue
@@ -258,6 +265,10 @@ def _check(choice: OptimizerChoice) -> None:
         if not ok:
             raise OptimizerSpecError(f"{spec.name}: bad value for {key}: {value!r} "
                                      f"(expected something like {default!r})")
+    if choice.hvp_paired and not getattr(spec.factory, "squares_products", False):
+        raise OptimizerSpecError(f"{spec.name}: hvp_paired replaces the squared product (H z)^2, and this "
+                                 "optimizer's curvature is not built from that square (esgd-m, esgd-m-max "
+                                 "and esgd are)")
     try:
         choice.create([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:

@@ -200,9 +200,10 @@ def check_image_path(path: str | os.PathLike) -> Path:
 
 
 def plot_results(dirs: list[str | os.PathLike], out: str | os.PathLike, *, x: XAxis | str = "step",
-                 metric: Metric = "loss", log_y: bool = False, smooth: float = SMOOTH) -> Path:
-    """Load results folders and save their curves to ``out``."""
+                 metric: Metric = "loss", log_y: bool = False, smooth: float = SMOOTH,
+                 only: list[str] | None = None) -> Path:
+    """Load results folders and save their curves to ``out`` (``only`` those optimizers, if given)."""
     check_image_path(out)
-    results = load_results(dirs)
+    results = load_results(dirs, only)
     return save_figure(plot_curves(results.metrics, results.summary, x=x, metric=metric, log_y=log_y,
                                    smooth=smooth), out)

@@ -86,9 +86,10 @@ def _keys(frame: pd.DataFrame) -> list[tuple]:
     return [cell_key(*k) + (p,) for k, p in zip(frame[CELL_KEY].itertuples(index=False), precision)]
 
 
-def load_results(folders: Sequence[str | os.PathLike]) -> Results:
+def load_results(folders: Sequence[str | os.PathLike], only: Sequence[str] | None = None) -> Results:
     """Read one or more results folders; a folder given twice and a cell found in several folders are
-    each counted once (with a warning), since they would otherwise pass for extra seeds."""
+    each counted once (with a warning), since they would otherwise pass for extra seeds.  ``only``
+    keeps the runs of those optimizers (as the results name them), each of which must be there."""
     if not folders:
         raise ResultsError("no results folder given")
     unique: dict[Path, Path] = {}
@@ -118,7 +119,15 @@ def load_results(folders: Sequence[str | os.PathLike]) -> Results:
     summary = pd.concat(summaries, ignore_index=True)
     if summary.empty:
         raise ResultsError(f"no runs in {', '.join(map(str, unique.values()))}")
-    return Results(pd.concat(metrics, ignore_index=True), summary, metas)
+    metric = pd.concat(metrics, ignore_index=True)
+    if only:
+        present = list(dict.fromkeys(summary["optimizer"].astype(str)))
+        missing = [o for o in only if o not in present]
+        if missing:
+            raise ResultsError(f"--only {', '.join(missing)}: not in these results (optimizers: {', '.join(present)})")
+        summary = summary[summary["optimizer"].astype(str).isin(only)].reset_index(drop=True)
+        metric = metric[metric["optimizer"].astype(str).isin(only)].reset_index(drop=True)
+    return Results(metric, summary, metas)
 
 
 def aggregate_summary(summary: pd.DataFrame) -> pd.DataFrame:

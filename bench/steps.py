@@ -9,6 +9,8 @@ is what is trained.  The routes:
   ``opt.step()``;
 * the sub-batch estimate (``hvp_fraction < 1``): a plain backward for the update and, on product steps,
   the product of the loss on the first ``ceil(f * B)`` rows of the batch through ``opt.accumulate_hvp``;
+  with ``hvp_paired``, those rows (rounded up to an even count) split into two halves whose products give
+  the paired estimate of ``(H z)^2`` through ``opt.accumulate_hvp_pair``;
 * gradient accumulation (``accumulate = K``): K micro-batches, each loss divided by K, each product
   folded into the step's sum right after its backward, so one double-backward graph is alive at a time;
 * data parallel (``torch.distributed``, N ranks): each rank takes its contiguous shard of the global
@@ -46,7 +48,7 @@ from tasks import Problem
 from .errors import BenchError
 from .optimizers import OptimizerChoice, needs_create_graph
 
-__all__ = ["StepRoute", "DDPRoute", "split_batch", "sub_batch", "world_and_rank", "backend_for",
+__all__ = ["StepRoute", "DDPRoute", "split_batch", "sub_batch", "pair_batches", "world_and_rank", "backend_for",
            "check_route", "check_precision", "autocast", "compile_in_place", "compiled_extras",
            "double_backward_error", "PRECISIONS"]
 
@@ -120,17 +122,37 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
 def sub_batch(batch: Any, fraction: float) -> Any:
     """The first ``ceil(fraction * B)`` rows of a batch whose tensors share their first dimension B;
     ``None`` when ``fraction >= 1`` or the batch has no rows to take (the caller uses the whole batch)."""
-    if fraction >= 1:
+    rows = _rows(batch) if fraction < 1 else None
+    if rows is None:
         return None
+    return _first_rows(batch, max(1, math.ceil(fraction * rows)))
+
+
+def _first_rows(batch: Any, n: int) -> Any:
+    return batch[:n] if isinstance(batch, torch.Tensor) else type(batch)(t[:n] for t in _tensors(batch))
+
+
+def pair_batches(batch: Any, fraction: float) -> tuple[Any, Any, float] | None:
+    """Two disjoint halves of the first ``ceil(fraction * B)`` rows of a batch, rounded up to an even
+    count, and the fraction of the batch they cover; ``None`` when the batch has no rows to split or
+    fewer than two (the caller takes the exact product of the whole batch)."""
+    rows = _rows(batch)
+    if rows is None or rows < 2:
+        return None
+    half = max(1, math.ceil(min(fraction, 1.0) * rows / 2))
+    part = _first_rows(batch, 2 * half)
+    a, b = split_batch(part, 2)
+    return a, b, 2 * half / rows
+
+
+def _rows(batch: Any) -> int | None:
+    """The common first dimension of a batch's tensors (a tensor, tuple or list), else ``None``."""
     parts = _tensors(batch)
     if batch is None or isinstance(batch, dict) or not parts \
             or not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in parts):
         return None
     rows = {t.shape[0] for t in parts}
-    if len(rows) != 1:
-        return None
-    n = max(1, math.ceil(fraction * rows.pop()))
-    return batch[:n] if isinstance(batch, torch.Tensor) else type(batch)(t[:n] for t in parts)
+    return rows.pop() if len(rows) == 1 else None
 
 
 def check_route(choice: OptimizerChoice, *, accumulate: int = 1, world: int = 1, compile: bool = False,
@@ -149,9 +171,10 @@ def check_route(choice: OptimizerChoice, *, accumulate: int = 1, world: int = 1,
             and not getattr(choice.spec.factory, "_step_supports_amp_scaling", False):
         raise BenchError(f"{choice.label}: --precision fp16 needs an optimizer that takes the loss scale out "
                          "of its Hessian-vector products itself (_step_supports_amp_scaling); use bf16")
-    if choice.second_order and choice.hvp_fraction < 1 and (accumulate > 1 or world > 1 or compile
-                                                            or method != "autograd"):
-        raise BenchError(f"{choice.label}: hvp_fraction < 1 needs the exact product (hvp_method="
+    if choice.second_order and (choice.hvp_fraction < 1 or choice.hvp_paired) \
+            and (accumulate > 1 or world > 1 or compile or method != "autograd"):
+        what = "hvp_paired" if choice.hvp_paired else "hvp_fraction < 1"
+        raise BenchError(f"{choice.label}: {what} needs the exact product (hvp_method="
                          "'autograd') and works without --accumulate, --nproc and --compile")
 
 
@@ -207,6 +230,7 @@ class StepRoute:
         self.problem, self.opt, self.accumulate, self.stop = problem, opt, accumulate, stop
         self.second_order = choice.second_order
         self.fraction = choice.hvp_fraction if self.second_order else 1.0
+        self.paired = self.second_order and choice.hvp_paired
         self.world, self.rank = world_and_rank()
         self.finite_difference = self.second_order and getattr(opt, "hvp_method", "") == FINITE_DIFFERENCE
         check_route(choice, accumulate=accumulate, world=self.world, hvp_method=getattr(opt, "hvp_method", None),
@@ -268,15 +292,20 @@ class StepRoute:
         problem, opt = self.problem, self.opt
         loss = self._forward_loss(batch)
         graph = self.second_order and needs_create_graph(opt, True)
-        part = sub_batch(batch, self.fraction) if graph else None
-        if part is None:
+        pair = pair_batches(batch, self.fraction) if graph and self.paired else None
+        part = sub_batch(batch, self.fraction) if graph and not self.paired else None
+        if part is None and pair is None:
             self._scaled(loss).backward(create_graph=graph)
             return loss
         self._scaled(loss).backward()
-        # The extra forward must not move the model's buffers (BatchNorm's running statistics).
+        # The extra forwards must not move the model's buffers (BatchNorm's running statistics).
         buffers = [(b, b.detach().clone()) for b in problem.model.buffers()]
         try:
-            opt.accumulate_hvp(self._scaled(self._forward_loss(part)))
+            if pair is not None:
+                opt.accumulate_hvp_pair(self._scaled(self._forward_loss(pair[0])),
+                                        self._scaled(self._forward_loss(pair[1])), pair[2])
+            else:
+                opt.accumulate_hvp(self._scaled(self._forward_loss(part)))
         finally:
             with torch.no_grad():
                 for b, saved in buffers:

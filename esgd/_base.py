@@ -64,8 +64,8 @@ from torch.optim import Optimizer
 
 __all__ = ["HessianOptimizer", "MissingGraphError", "DoubleBackwardUnsupportedError", "HVP_METHODS",
            "STATE_DTYPES", "as_dtype", "by_dtypes", "check_betas", "check_int", "check_range",
-           "check_state_dtype", "decay_where_curved_", "is_narrow", "mark_zero_curvature_", "pick",
-           "rademacher", "rng_state", "round_into_", "set_rng_state", "state_dtype_for"]
+           "check_state_dtype", "decay_where_curved_", "is_narrow", "mark_zero_curvature_", "paired_estimate",
+           "pick", "rademacher", "rng_state", "round_into_", "set_rng_state", "state_dtype_for"]
 
 _GLOBAL_KEY = "hessian_schedule"
 
@@ -238,6 +238,9 @@ class HessianOptimizer(Optimizer):
     """
 
     probe: str = "rademacher"
+    # True where the curvature is built from the element-wise square of the product alone, (H z)^2:
+    # accumulate_hvp_pair then hands _update a product whose square is the paired estimate.
+    squares_products: bool = False
     # GradScaler then leaves .grad scaled and sets grad_scale and found_inf for step(): the product is
     # taken from the scaled graph inside step(), so only step() can unscale the two consistently.
     _step_supports_amp_scaling = True
@@ -271,6 +274,8 @@ class HessianOptimizer(Optimizer):
         self.hvp_reduce: Callable[[list[torch.Tensor]], None] | None = None
         self._probes: dict[torch.Tensor, torch.Tensor] = {}
         self._hvp_sums: dict[torch.Tensor, torch.Tensor] = {}
+        # This step's products of two disjoint sub-batches and the fraction of the batch they cover.
+        self._hvp_pair: tuple[dict[torch.Tensor, torch.Tensor], dict[torch.Tensor, torch.Tensor], float] | None = None
         # The probe stream's state before this step's first draw, for a step that is then skipped.
         self._rng_before_probes: Any = None
         # GradScaler's scale at the last step it drove, and the factor on this step's probes (None: 1).
@@ -381,14 +386,14 @@ class HessianOptimizer(Optimizer):
         """
         if not (self.is_hvp_step() and self.hvp_method == "autograd"):
             return
-        if not self._hvp_sums:      # every product of one step shares the scale, as it shares the probe
-            self._probe_scale = self._scale_for_probes()
-        self._release_before_hvp()
+        if self._hvp_pair is not None:
+            if loss is None and not any(p.grad.requires_grad for p in self._params_with_grad()):
+                return          # step()'s own call after a pair: the pair is this step's estimate
+            raise RuntimeError(f"{type(self).__name__}: this step already has a paired estimate "
+                               "(accumulate_hvp_pair), so it takes no other product: its backward must be a "
+                               "plain backward(), without create_graph=True")
         if loss is not None:
-            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-            with torch.enable_grad():
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            params, hvps = self._products_of(loss)
             pending = []
         else:
             params = self._params_with_grad()
@@ -397,11 +402,7 @@ class HessianOptimizer(Optimizer):
                 if self._hvp_sums:
                     return
                 raise MissingGraphError(MISSING_GRAPH_MESSAGE.format(name=type(self).__name__))
-            grads = [p.grad for p in params]
-        probes = [self._probe_for(p) for p in params]
-        if self._probe_scale is not None:
-            probes = [z * self._probe_scale.to(z.device) for z in probes]
-        hvps = self.hessian_vector_products(params, grads, probes)
+            hvps = self._products(params, [p.grad for p in params])
         for p, h in zip(params, hvps):
             total = self._hvp_sums.get(p)
             self._hvp_sums[p] = h if total is None else total.add_(h)
@@ -409,6 +410,68 @@ class HessianOptimizer(Optimizer):
         # until the next zero_grad and keeps the whole double-backward graph in memory.
         for p in pending:
             p.grad = p.grad.detach()
+
+    @torch.no_grad()
+    def accumulate_hvp_pair(self, loss_a: torch.Tensor, loss_b: torch.Tensor, covers: float) -> None:
+        r"""Take this step's curvature from two disjoint, equally sized sub-batches of the batch.
+
+        A product of a sub-batch of ``n`` rows squares its sampling noise along with the curvature:
+        :math:`\mathbb{E}[(H_S z)^2] = (\bar H z)^2 + \sigma^2 / n` per element, where :math:`\sigma^2`
+        is the variance of one row's product, against :math:`\sigma^2 / B` for the product of the whole
+        batch of ``B`` rows.  A small sub-batch therefore inflates the estimate and shrinks every step.
+        With :math:`a = H_A z` and :math:`b = H_B z` from the two halves (same probe) and
+        ``covers`` :math:`= f = 2n / B`, the fraction of the batch they cover together, the estimate
+
+        .. math::
+            e = a b + f \left(\frac{a - b}{2}\right)^2
+
+        has, for independent rows, the expectation of the whole batch's squared product:
+        :math:`\mathbb{E}[ab] = (\bar H z)^2` and :math:`((a - b)/2)^2` estimates the variance of their
+        mean, :math:`\sigma^2 / (2n)`.  With ``covers=1`` it is :math:`((a + b)/2)^2`, the whole
+        batch's own product.  A single estimate can be negative; it is clamped at zero.
+
+        Only for optimizers whose curvature is built from :math:`(H z)^2` alone (``squares_products``:
+        ``ESGD``, ``ESGDMax``, ``PlainESGD``): the update receives :math:`\sqrt{\max(e, 0)}` as its
+        product.  Call it once on an HVP step, with a plain ``backward()`` of the whole batch for the
+        gradient (elsewhere a no-op); under a ``GradScaler`` pass both losses scaled.  Products are not
+        averaged across data-parallel ranks (``hvp_reduce``).
+        """
+        name = type(self).__name__
+        if not self.squares_products:
+            raise ValueError(f"{name}: the paired estimate replaces the squared product (H z)^2, and this "
+                             "optimizer's curvature is not built from that square; use accumulate_hvp(loss)")
+        check_range("covers", covers, 0.0, 1.0, high_open=False)
+        if covers == 0:
+            raise ValueError(f"Invalid covers: {covers!r} (must be in (0, 1])")
+        if not (self.is_hvp_step() and self.hvp_method == "autograd"):
+            return
+        if self.hvp_reduce is not None:
+            raise ValueError(f"{name}: the paired estimate is not averaged across data-parallel ranks; "
+                             "use accumulate_hvp(loss) there")
+        if self._hvp_pair is not None or self._hvp_sums:
+            raise RuntimeError(f"{name}: accumulate_hvp_pair takes one pair per step, and no other product")
+        params, a = self._products_of(loss_a)
+        _, b = self._products_of(loss_b)
+        self._hvp_pair = (dict(zip(params, a)), dict(zip(params, b)), float(covers))
+
+    def _products_of(self, loss: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The products of ``loss`` alone, for every parameter that requires a gradient."""
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        return params, self._products(params, grads)
+
+    def _products(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``H z`` through ``grads``' graph with this step's probes (scaled as the step's first product)."""
+        if not self._hvp_sums and self._hvp_pair is None:
+            # every product of one step shares the scale, as it shares the probe
+            self._probe_scale = self._scale_for_probes()
+            self._release_before_hvp()
+        probes = [self._probe_for(p) for p in params]
+        if self._probe_scale is not None:
+            probes = [z * self._probe_scale.to(z.device) for z in probes]
+        return self.hessian_vector_products(params, grads, probes)
 
     def _scale_for_probes(self) -> torch.Tensor | None:
         """``1 / S`` for the last scale ``S`` a GradScaler handed over, or ``None`` without one.
@@ -538,7 +601,8 @@ class HessianOptimizer(Optimizer):
                 local = self._finite_difference_hvps(params, closure, saved_rng)
             else:
                 self.accumulate_hvp()
-                local = [self._hvp_sums[p] for p in params]
+                pair = self._hvp_pair
+                local = [self._hvp_sums[p] for p in params] if pair is None else [pair[0][p] for p in params]
             if self.hvp_reduce is not None:
                 self.hvp_reduce(local)
             # The products carry the scale of the loss times that of the probes.
@@ -548,6 +612,9 @@ class HessianOptimizer(Optimizer):
             else:
                 scale = grad_scale
             local = self._cast_and_unscale(local, dtypes, scale)
+            if not finite_difference and self._hvp_pair is not None:
+                other = self._cast_and_unscale([self._hvp_pair[1][p] for p in params], dtypes, scale)
+                local = paired_estimate(local, other, self._hvp_pair[2])
             # After the reduction, so that every rank takes the same decision.
             if _all_finite(local):
                 hvps = dict(zip(params, local))
@@ -557,6 +624,7 @@ class HessianOptimizer(Optimizer):
         grads = dict(zip(params, self._cast_and_unscale([p.grad for p in params], dtypes, grad_scale)))
         self._probes.clear()
         self._hvp_sums.clear()
+        self._hvp_pair = None
         self._rng_before_probes = None
         self._probe_scale = None
         self._update(hvp_step and not dropped, hvps, grads)
@@ -576,6 +644,7 @@ class HessianOptimizer(Optimizer):
         self._rewind_probes()
         self._probes.clear()
         self._hvp_sums.clear()
+        self._hvp_pair = None
         self._probe_scale = None
         self._restore_released()
         for group in self.param_groups:
@@ -687,6 +756,17 @@ class HessianOptimizer(Optimizer):
                             f"{type(self).__name__}.load_state_dict: state entry {name!r} of "
                             f"param_groups[{gi}]['params'][{j}] has shape {tuple(value.shape)}, but that "
                             f"parameter has shape {tuple(p.shape)}; was the state saved for another model?")
+
+
+def paired_estimate(a: list[torch.Tensor], b: list[torch.Tensor], covers: float) -> list[torch.Tensor]:
+    """``sqrt(max(a b + covers ((a - b) / 2)^2, 0))`` per element: a product whose square is the paired
+    estimate of :meth:`HessianOptimizer.accumulate_hvp_pair` (``a`` is overwritten)."""
+    diff = torch._foreach_sub(a, b)
+    torch._foreach_mul_(a, b)
+    torch._foreach_addcmul_(a, diff, diff, value=covers / 4)
+    torch._foreach_clamp_min_(a, 0.0)
+    torch._foreach_sqrt_(a)
+    return a
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -105,6 +105,7 @@ class ESGD(HessianOptimizer):
     """
 
     probe = "rademacher"
+    squares_products = True     # D is an EMA (or maximum) of (H z)^2
 
     def __init__(self, params: Iterable, lr: float = 1, betas: tuple[float, float] = (0.9, 0.999),
                  v: float | None = None, lr_warmup: float = 0.99, eps: float = 1e-4,

@@ -60,6 +60,8 @@ class PlainESGD(HessianOptimizer):
     :math:`\epsilon`.  ``step()`` divides both by :math:`S` (exactly, for GradScaler's powers of two).
     """
 
+    squares_products = True     # D is a running sum of (H z)^2
+
     def __init__(self, params: Iterable, lr: float = 0.1, eps: float = 1e-4, weight_decay: float = 0.,
                  update_d_every: int = 20, d_warmup: int = 10, probe: str = "gaussian", *,
                  generator: torch.Generator | None = None, foreach: bool | None = None,

@@ -21,7 +21,8 @@ from bench.config import make_config
 from bench.display import perf_table, targets_table
 from bench.errors import BenchError
 from bench.memory import probe
-from bench.optimizers import list_optimizers, parse_optimizer
+from bench.optimizers import OptimizerSpecError, list_optimizers, parse_optimizer
+from bench.profiling import CATEGORIES
 from bench.steps import StepRoute, sub_batch
 from bench.train import train
 from cli import app
@@ -40,15 +41,14 @@ def test_sub_batch_takes_the_first_rows_of_every_tensor():
     assert sub_batch((x, y[:4]), 0.5) is None          # rows disagree: no safe slice
 
 
-@pytest.mark.parametrize("task,options", [("mnist", TINY["mnist"]), ("cifar", {"arch": "resnet20"})])
-def test_sub_batch_product_is_the_exact_product_of_the_sub_batch(task, options):
-    """Plain gradient of the whole batch in .grad (no graph left), the product that of the first rows'
-    loss with the same probe, and the task's buffers (BatchNorm statistics) moved by the step's one
-    forward of the whole batch only."""
+def _first_hvp_step(task, options, name):
+    """Build the task (8 synthetic rows), take the forward+backward of the first (HVP) step by ``name``'s
+    route, and check that the task's buffers (BatchNorm statistics) moved by one forward of the whole
+    batch only and that .grad holds the plain gradient of the whole batch, with no graph."""
     config = TaskConfig(seed=0, synthetic=True, batch_size=8, options=options)
     problem = build_task(task, config)
     params = list(problem.model.parameters())
-    choice = parse_optimizer("esgd-m-sub")
+    choice = parse_optimizer(name)
     opt = choice.create(params, seed=0)
     route = StepRoute(problem, opt, choice)
     assert route.is_hvp_step()
@@ -64,20 +64,56 @@ def test_sub_batch_product_is_the_exact_product_of_the_sub_batch(task, options):
     assert all(torch.equal(a, b) for a, b in zip(after, problem.model.buffers()))
     grads = torch.autograd.grad(problem.loss(batch), params)
     assert all(torch.allclose(p.grad, g, atol=1e-6) and not p.grad.requires_grad for p, g in zip(params, grads))
+    return problem, params, choice, opt, route, batch
+
+
+def _product_of(problem, params, part, probes):
+    g1 = torch.autograd.grad(problem.loss(part), params, create_graph=True)
+    return torch.autograd.grad(g1, params, grad_outputs=probes)
+
+
+@pytest.mark.parametrize("task,options", [("mnist", TINY["mnist"]), ("cifar", {"arch": "resnet20"})])
+def test_sub_batch_product_is_the_exact_product_of_the_sub_batch(task, options):
+    """The product is that of the first rows' loss, with the same probe."""
+    problem, params, choice, opt, route, batch = _first_hvp_step(task, options, "esgd-m-sub")
     probes = [opt._probes[p] for p in params]
     got = [opt._hvp_sums[p].clone() for p in params]
     part = sub_batch(batch, choice.hvp_fraction)
     assert len(part[0]) == 1
-    g1 = torch.autograd.grad(problem.loss(part), params, create_graph=True)
-    want = torch.autograd.grad(g1, params, grad_outputs=probes)
-    for a, b in zip(got, want):
+    for a, b in zip(got, _product_of(problem, params, part, probes)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     route.step()                                    # consumes the product, leaves no graph
     assert not opt._hvp_sums and all(not p.grad.requires_grad for p in params)
     route.close()
 
 
+@pytest.mark.parametrize("task,options", [("mnist", TINY["mnist"]), ("cifar", {"arch": "resnet20"})])
+def test_paired_products_are_those_of_two_disjoint_halves(task, options):
+    """hvp_paired: the step's estimate comes from the products of rows 0 and 1 (1/8 of 8 rows, rounded
+    up to two rows), with the same probe, covering 2/8 of the batch."""
+    problem, params, _, opt, route, batch = _first_hvp_step(task, options, "esgd-m-pair")
+    a_got, b_got, covers = opt._hvp_pair
+    assert covers == 0.25 and not opt._hvp_sums
+    probes = [opt._probes[p] for p in params]
+    for rows, got in ((slice(0, 1), a_got), (slice(1, 2), b_got)):
+        for p, w in zip(params, _product_of(problem, params, tuple(t[rows] for t in batch), probes)):
+            torch.testing.assert_close(got[p], w, rtol=1e-4, atol=1e-6)
+    route.step()
+    assert opt._hvp_pair is None and all(not p.grad.requires_grad for p in params)
+    route.close()
+
+
 BAD_FRACTION = "esgd-m:hvp_fraction=0.5,hvp_method='finite-difference'"
+
+
+def test_paired_estimate_is_refused_where_it_does_not_apply():
+    with pytest.raises(BenchError, match="hvp_paired"):
+        make_config({"tasks": ["mnist"], "optimizers": ["esgd-m-pair:hvp_method='finite-difference'"],
+                     "device": "cpu"})
+    with pytest.raises(OptimizerSpecError, match="squared product"):
+        parse_optimizer("adahessian:hvp_paired=true")
+    with pytest.raises(OptimizerSpecError, match="true or false"):
+        parse_optimizer("esgd-m:hvp_paired=0.5")
 
 
 def test_hvp_fraction_with_finite_differences_is_refused_by_the_config():
@@ -153,7 +189,7 @@ def test_perf_tiny_run_writes_finite_ratios(tmp_path):
     flops = saved[saved["section"] == "task"].set_index("optimizer")["hvp_flop_evals"]
     assert flops["esgd-m-fd"] == pytest.approx(1.0)
     assert 1.0 < flops["esgd-m"] <= 3.0 and 1.0 < flops["esgd"] <= 3.0
-    assert 0.0 < flops["esgd-m-sub"] < flops["esgd-m"]
+    assert 0.0 < flops["esgd-m-sub"] < flops["esgd-m"] and 0.0 < flops["esgd-m-pair"] < flops["esgd-m"]
     assert meta["target_checks"] and meta["threads"] == 1 and meta["device"] == "cpu"
     # the rich tables
     shown = "\n".join(_render(t) for t in perf_table(table))
@@ -183,3 +219,62 @@ def test_perf_cli_bad_inputs(tmp_path):
         res = runner.invoke(app, ["perf", "--out", str(tmp_path / "x"), *args])
         assert res.exit_code == 2 and text in res.output and "Traceback" not in res.output, (args, res.output)
     assert not (tmp_path / "x" / "perf.csv").exists()
+
+
+def _round(fb, update, hvp=math.nan):
+    return {"fb_ms": fb, "update_ms": update, "plain_ms": fb + update, "hvp_step_ms": hvp}
+
+
+def test_floor_is_the_step_with_the_product_at_forward_backward_speed():
+    """Hand-worked: ESGD-M's plain step 10 + 2 ms, its HVP step 60 ms, Adam's step 10 + 4 ms; a product
+    of 2 gradient evaluations of FLOPs at 10 ms each would add 20 ms every ten steps."""
+    samples = {"esgd-m": [_round(10, 2, 60)] * 3, "adam": [_round(10, 4)] * 3}
+    s = pf._summarise(samples, flop_evals={"esgd-m": 2.0})
+    assert s["esgd-m"]["amortised_vs_adam"] == pytest.approx((9 * 12 + 60) / 10 / 14)
+    assert s["esgd-m"]["floor_vs_adam"] == pytest.approx((12 + 2.0 * 10 / 10) / 14)
+    assert s["esgd-m"]["amortised_vs_floor"] == pytest.approx(16.8 / 14.0)
+    assert "floor_vs_adam" not in s["adam"]
+
+
+def test_exact_routes_are_held_to_their_floor_and_cheap_ones_to_a_fixed_bound():
+    rows = [{"section": "task", "task": "t", "mode": "eager", "optimizer": o, "hvp_route": r,
+             "amortised_vs_adam": a, "floor_vs_adam": f, "update_vs_adam": 0.5}
+            for o, r, a, f in (("esgd-m", "exact", 1.26, 1.20), ("esgd", "exact", 1.27, 1.20),
+                               ("esgd-m-pair", "paired", 1.06, math.nan), ("esgd-m-sub", "sub-batch", 1.08, math.nan),
+                               ("adam", "", 1.0, math.nan))]
+    checks = {c["optimizer"]: c for c in pf.target_checks(pd.DataFrame(rows)) if "amortised" in c["target"]}
+    assert checks["esgd-m"]["bound"] == pytest.approx(1.26) and checks["esgd-m"]["met"]
+    assert checks["esgd-m"]["floor"] == 1.20 and not checks["esgd"]["met"]
+    assert checks["esgd-m-pair"]["bound"] == 1.07 and checks["esgd-m-pair"]["met"]
+    assert not checks["esgd-m-sub"]["met"] and "adam" not in checks
+
+
+def test_profile_splits_the_product_into_categories(tmp_path):
+    """perf --profile: per exact route, category rows summing to the total and the top operators; a
+    matmul model's product adds matrix products (the floor's FLOPs) and elementwise work."""
+    out, _ = pf.run_perf(pf.PerfConfig(tasks=["mnist"], out=tmp_path / "p", rounds=1, warmup_cycles=0,
+                                       batch_size=8, widths=(), options=TINY, threads=1, memory=False,
+                                       profile=True))
+    prof = pd.read_csv(out / "profile.csv")
+    assert set(prof["optimizer"]) == {"esgd-m", "esgd"}
+    for _, g in prof.groupby("optimizer"):
+        cats = g[g["kind"] == "category"].set_index("name")
+        assert list(cats.index) == list(CATEGORIES) + ["total"]
+        assert cats.loc["total", "extra_ms"] == pytest.approx(cats.drop("total")["extra_ms"].sum())
+        assert cats.loc["matmul/conv", "extra_ms"] > 0 and cats.loc["total", "hvp_ms"] > cats.loc["total", "plain_ms"]
+        assert 1 <= (g["kind"] == "op").sum() <= 8
+
+
+def test_profile_categories():
+    from bench.profiling import category
+    assert category("aten::addmm") == category("aten::convolution_backward") == "matmul/conv"
+    assert category("aten::native_batch_norm_backward") == "normalisation"
+    assert category("aten::mul") == "elementwise" and category("MulBackward0") == "autograd"
+
+
+def test_perf_cli_prints_the_profile(tmp_path):
+    res = CliRunner().invoke(app, ["perf", "--task", "mnist", "--rounds", "1", "--widths", "none", "--no-memory",
+                                   "--batch-size", "8", "--threads", "1", "--option", "width=16", "--profile",
+                                   "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert "mnist, esgd-m: self time of one HVP step" in res.stdout and "profile.csv" in res.stdout

@@ -24,19 +24,26 @@ def make_data(seed: int = 0):
     return x, y, init
 
 
-def loss_fn(params, x, y, t: int, scale: float = 1.0):
-    """A small tanh network on a minibatch that changes with the step t (deterministically)."""
+def batch_rows(t: int, part: slice = slice(None)) -> slice:
+    """The rows of step t's minibatch (4 rows that change with t), or ``part`` of them."""
+    start, stop, _ = part.indices(4)
+    return slice((t % 4) * 4 + start, (t % 4) * 4 + stop)
+
+
+def loss_fn(params, x, y, t: int, scale: float = 1.0, part: slice = slice(None)):
+    """A small tanh network on a minibatch that changes with the step t (deterministically); ``part``
+    takes the loss of some of the minibatch's rows only."""
     w1, b1, w2 = params
-    rows = slice((t % 4) * 4, (t % 4) * 4 + 4)
+    rows = batch_rows(t, part)
     return scale * ((torch.tanh(x[rows] @ w1.T + b1) @ w2.T - y[rows]) ** 2).mean()
 
 
-def flat_hessian(params, x, y, t, scale=1.0):
+def flat_hessian(params, x, y, t, scale=1.0, part=slice(None)):
     sizes = [p.numel() for p in params]
 
     def f(flat):
         parts = torch.split(flat, sizes)
-        return loss_fn([q.view(p.shape) for q, p in zip(parts, params)], x, y, t, scale)
+        return loss_fn([q.view(p.shape) for q, p in zip(parts, params)], x, y, t, scale, part)
 
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     return torch.autograd.functional.hessian(f, flat)
@@ -47,20 +54,36 @@ def grads_of(params, x, y, t, scale=1.0):
     return [g.detach() for g in torch.autograd.grad(loss_fn(ps, x, y, t, scale), ps)]
 
 
-def hvp(params, x, y, t, probes, scale=1.0):
-    hess = flat_hessian(params, x, y, t, scale)
+def hvp(params, x, y, t, probes, scale=1.0, part=slice(None)):
+    hess = flat_hessian(params, x, y, t, scale, part)
     h = hess @ torch.cat([z.reshape(-1) for z in probes])
-    return [part.view(p.shape) for part, p in zip(torch.split(h, [p.numel() for p in params]), params)]
+    return [piece.view(p.shape) for piece, p in zip(torch.split(h, [p.numel() for p in params]), params)]
+
+
+def paired_squares(halves, covers):
+    """The paired estimate of (H z)^2 from the products of two sub-batches, element by element:
+    max(a b + covers ((a - b) / 2)^2, 0)."""
+
+    def squares(params, x, y, t, probes, scale):
+        a = hvp(params, x, y, t, probes, scale, halves[0])
+        b = hvp(params, x, y, t, probes, scale, halves[1])
+        return [torch.clamp(ai * bi + covers * ((ai - bi) / 2) ** 2, min=0.0) for ai, bi in zip(a, b)]
+    return squares
+
+
+def exact_squares(params, x, y, t, probes, scale):
+    return [h * h for h in hvp(params, x, y, t, probes, scale)]
 
 
 def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_warmup=20,
-                     lr_schedule=None, scale=1.0, d_max=False):
+                     lr_schedule=None, scale=1.0, d_max=False, squares=exact_squares):
     """ESGD-M, literally as docs/esgd-m.md writes it.
 
     ``groups`` is a list of (param indices, hyperparameter dict with lr, betas, v, lr_warmup, eps,
     weight_decay); ``probes`` is the list of per-step probe lists of the optimizer's HVP steps;
     ``lr_schedule(t, group_index)`` optionally overrides each group's lr at step t.  ``d_max`` is the
-    esgd-m-max variant: d = max(beta2 * d, h^2) and no bias correction of d.
+    esgd-m-max variant: d = max(beta2 * d, h^2) and no bias correction of d.  ``squares`` gives the
+    estimate of h^2 on HVP steps (default: the product of the step's whole minibatch, squared).
     """
     params = [p.clone() for p in init]
     n = len(params)
@@ -75,7 +98,7 @@ def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_
     for t in range(steps):
         hvp_step = steps_done < d_warmup or since_hvp >= update_d_every
         g = grads_of(params, x, y, t, scale)
-        h = hvp(params, x, y, t, probes.pop(0), scale) if hvp_step else None
+        hh = squares(params, x, y, t, probes.pop(0), scale) if hvp_step else None
         new = [None] * n
         for gi, (idx, hp) in enumerate(groups):
             beta1, beta2 = hp["betas"]
@@ -85,9 +108,9 @@ def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_
                 m[i] = beta1 * m[i] + (1 - beta1) * g[i]
                 b1[i] = b1[i] * beta1
                 if hvp_step and d_max:
-                    d[i] = torch.maximum(beta2 * d[i], h[i] * h[i])
+                    d[i] = torch.maximum(beta2 * d[i], hh[i])
                 elif hvp_step:
-                    d[i] = beta2 * d[i] + (1 - beta2) * h[i] * h[i]
+                    d[i] = beta2 * d[i] + (1 - beta2) * hh[i]
                     b2[i] = b2[i] * beta2
                 bias = 1.0 if d_max else math.sqrt(1 - b2[i])
                 denom = torch.sqrt(d[i]) / bias + hp["eps"]
@@ -105,7 +128,7 @@ def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_
 
 
 def esgd_plain_reference(init, x, y, *, steps, probes, lr, eps, weight_decay=0.0, update_d_every=20,
-                         d_warmup=10, scale=1.0):
+                         d_warmup=10, scale=1.0, squares=exact_squares):
     """Plain ESGD (Dauphin et al. 2015): p <- p - lr * g / (sqrt(D / i) + eps)."""
     params = [p.clone() for p in init]
     dsum = [torch.zeros_like(p) for p in params]
@@ -117,8 +140,8 @@ def esgd_plain_reference(init, x, y, *, steps, probes, lr, eps, weight_decay=0.0
         hvp_step = steps_done < d_warmup or since_hvp >= update_d_every
         g = grads_of(params, x, y, t, scale)
         if hvp_step:
-            h = hvp(params, x, y, t, probes.pop(0), scale)
-            dsum = [ds + hi * hi for ds, hi in zip(dsum, h)]
+            hh = squares(params, x, y, t, probes.pop(0), scale)
+            dsum = [ds + sq for ds, sq in zip(dsum, hh)]
             count += 1
         params = [p * (1 - lr * weight_decay) - lr * gi / (torch.sqrt(ds / count) + eps)
                   for p, gi, ds in zip(params, g, dsum)]
