@@ -459,12 +459,10 @@ def table(dirs: _Dirs,
             check_output_file(out, TABLE_SUFFIXES)
         results = load_results(dirs, only)
         if against is not None:
-            from bench.agreement import agreement_table, render_agreement
+            from bench.agreement import agreement_table, render_agreement, write_agreement
             frame = agreement_table(results.summary, against)
             if out is not None:
-                from bench.store import write_csv, write_text
-                write_csv(frame, out) if out.suffix.lower() == ".csv" else \
-                    write_text(out, render_agreement(frame, "markdown"))
+                write_agreement(frame, out)
             shown = render_agreement(frame, format)
         else:
             frame = wall_clock_table(results.metrics, results.summary, target=target, target_loss=target_loss)

@@ -12,21 +12,20 @@ not be told apart with this many seeds.  Seeds that diverged are counted, not av
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 from rich import box
 from rich.table import Table
 
 from .errors import BenchError
+from .store import check_output_file, write_csv, write_text
+from .tables import TABLE_SUFFIXES, _ok
 
-__all__ = ["agreement_table", "render_agreement", "AGREEMENT_HEADERS"]
+__all__ = ["agreement_table", "render_agreement", "write_agreement", "AGREEMENT_HEADERS"]
 
 AGREEMENT_HEADERS = ["task", "optimizer", "ok", "tail loss", "ref. min – max", "inside", "metric", "mean",
                      "ref. min – max", "inside"]
-
-
-def _ok(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[frame["status"].astype(str) == "ok"] if "status" in frame else frame
 
 
 def _measure(runs: pd.DataFrame) -> tuple[str | None, str | None]:
@@ -135,3 +134,11 @@ def render_agreement(table: pd.DataFrame, fmt: str):
     for row in shown.itertuples(index=False):
         t.add_row(*row)
     return t
+
+
+def write_agreement(table: pd.DataFrame, path) -> Path:
+    """Write the table atomically: ``.csv`` numeric, ``.md`` Markdown (as :func:`bench.tables.write_table`)."""
+    path = check_output_file(path, TABLE_SUFFIXES)
+    if path.suffix.lower() == ".csv":
+        return write_csv(table, path)
+    return write_text(path, render_agreement(table, "markdown"))

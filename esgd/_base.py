@@ -464,8 +464,8 @@ class HessianOptimizer(Optimizer):
 
     def _products(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """``H z`` through ``grads``' graph with this step's probes (scaled as the step's first product)."""
-        if not self._hvp_sums and self._hvp_pair is None:
-            # every product of one step shares the scale, as it shares the probe
+        if not self._probes:
+            # the step's first product: every product of one step shares the scale, as it shares the probe
             self._probe_scale = self._scale_for_probes()
             self._release_before_hvp()
         probes = [self._probe_for(p) for p in params]
