@@ -90,7 +90,7 @@ class OptimizerChoice:
     ``given`` holds the settings as typed (their canonical text is :attr:`label`, which names the runs
     in every result); :meth:`create` builds the optimizer from the entry's defaults, the task's default
     learning rate, ``given`` and the caller's extras, in that order.  ``hvp_fraction`` is an option of
-    the training loop, not of the constructor, and so is ``hvp_paired``.
+    the training loop, not of the constructor, and so are ``hvp_paired`` and ``hvp_compiled``.
     """
 
     spec: OptimizerSpec
@@ -116,6 +116,10 @@ class OptimizerChoice:
     @property
     def hvp_paired(self) -> bool:
         return bool(self.given.get("hvp_paired", self.spec.defaults.get("hvp_paired", False)))
+
+    @property
+    def hvp_compiled(self) -> bool:
+        return bool(self.given.get("hvp_compiled", self.spec.defaults.get("hvp_compiled", False)))
 
     @property
     def label(self) -> str:

@@ -21,9 +21,10 @@ not beat; ``amortised`` = (9 plain + 1 HVP) / 10, one exact product every 10 ste
 x forward+backward)) / 10 against Adam's step, the amortised step if the product ran at the speed of a
 forward+backward, per round (:mod:`bench.targets` holds exact routes to it). A parameter-count sweep times MLPs of about 0.1 M, 1 M
 and 10 M parameters. Peak memory: each (task, variant) trains a few steps, HVP steps included, in a fresh
-process forked from a server that has imported torch only; CPU: the peak resident set size (``VmHWM``), and
-its rise above the size once the task (data and model) is built and a no-grad forward has loaded the
-kernels, i.e. the training state: gradients, optimizer state, activations and the HVP's graph; CUDA:
+process forked from a server that has imported torch only, after one untimed cycle (a compiled product
+compiles there); CPU: the peak resident set size (``VmHWM``) over the measured steps, and its rise above
+the size once the task (data and model) is built and a no-grad forward has loaded the kernels, i.e. the
+training state: gradients, optimizer state, activations and the HVP's graph; CUDA:
 ``max_memory_allocated``, and its rise above the built task.
 ``--compile`` adds the same variants with the model compiled (second order by finite differences).
 On CUDA every region is timed with CUDA events.  Results: ``perf.csv`` and ``meta.json``.
@@ -53,7 +54,7 @@ from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
 from .memory import peak_memory
 from .steps import StepRoute, check_precision, compile_in_place, compiled_extras
-from .targets import CHEAP_ROUTES, TARGETS, target_checks
+from .targets import CHEAP_ROUTES, TARGETS, floor_flops, target_checks
 from .store import check_folder, write_csv, write_json
 from .timing import median
 
@@ -71,12 +72,14 @@ class Variant:
         return parse_optimizer(self.spec)
 
 
-VARIANTS = (Variant("esgd-m", "esgd-m", "exact"), Variant("esgd-m-sub", "esgd-m-sub", "sub-batch"),
+VARIANTS = (Variant("esgd-m", "esgd-m", "exact"),
+            Variant("esgd-m-compiled", "esgd-m:hvp_compiled=true", "exact"),
+            Variant("esgd-m-sub", "esgd-m-sub", "sub-batch"),
             Variant("esgd-m-pair", "esgd-m-pair", "paired"),
             Variant("esgd-m-fd", "esgd-m:hvp_method=finite-difference", "finite-difference"),
             Variant("esgd", "esgd", "exact"), Variant("sgd", "sgd", ""), Variant("adam", "adam", ""))
 SWEEP_VARIANTS = ("esgd-m", "esgd-m-sub", "adam")
-MEMORY_VARIANTS = ("esgd-m", "esgd-m-sub", "esgd-m-pair", "esgd-m-fd", "adam")    # sweep: esgd-m and adam
+MEMORY_VARIANTS = ("esgd-m", "esgd-m-compiled", "esgd-m-sub", "esgd-m-pair", "esgd-m-fd", "adam")  # sweep: esgd-m, adam
 SWEEP_WIDTHS = (110, 678, 2789)        # 784-w-w-10 MLPs of 0.10 M, 1.00 M and 10.0 M parameters
 HVP_EVERY = 10                         # amortisation: one HVP step in this many
 ALL_TASKS = ("mnist", "mnist-cnn", "cifar", "charlm")
@@ -259,6 +262,15 @@ def _summarise(samples: dict[str, list[dict[str, float]]], ref: str = "adam",
     return out
 
 
+def _applies(variant: Variant, compiled: bool, precision: str) -> bool:
+    """Whether ``variant`` is timed in this mode: with the model compiled, second order is finite
+    differences already, so the cheap and the compiled-product variants would repeat it; fp16's loss
+    scaling is followed neither by finite differences nor by the compiled product."""
+    if compiled and (variant.route in CHEAP_ROUTES or variant.choice.hvp_compiled):
+        return False
+    return not (precision == "fp16" and (variant.route == "finite-difference" or variant.choice.hvp_compiled))
+
+
 # -- the whole benchmark -----------------------------------------------------------------------------
 def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> tuple[Path, pd.DataFrame]:
@@ -302,20 +314,18 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
             trainers: dict[str, _Trainer] = {}
             for compiled in modes:
                 for v in config.variants:
-                    if compiled and v.route in CHEAP_ROUTES:
-                        continue       # compiled second order is finite differences already
-                    if config.precision == "fp16" and v.route == "finite-difference":
-                        continue       # loss scaling is not followed by finite differences
-                    trainers[v.label + ("@compiled" if compiled else "")] = _Trainer(task, v, tcfg, compiled,
-                                                                                     config.precision)
+                    if _applies(v, compiled, config.precision):
+                        trainers[v.label + ("@compiled" if compiled else "")] = _Trainer(task, v, tcfg, compiled,
+                                                                                         config.precision)
             rounds = config.rounds or _ROUNDS.get(task, 12)
             samples = _measure(trainers, rounds, config.warmup_cycles + (2 if config.compile else 0))
-            flop_evals = {}
+            own_flops = {}
             for key, t in trainers.items():
-                if t.second_order and "@" not in key:     # the counter does not see inside compiled graphs
+                if t.second_order and "@" not in key:     # the counter does not see inside compiled models
                     hvp_flops, plain_flops = t.flops()
-                    flop_evals[key] = (hvp_flops - plain_flops) / plain_flops if plain_flops else math.nan
-            summary = _summarise(samples, flop_evals=flop_evals)
+                    own_flops[key] = (hvp_flops - plain_flops) / plain_flops if plain_flops else math.nan
+            routes = {k: t.variant.route for k, t in trainers.items()}
+            summary = _summarise(samples, flop_evals=floor_flops(own_flops, routes))
             for key, s in summary.items():
                 label, _, mode = key.partition("@")
                 t = trainers[key]
@@ -323,7 +333,8 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                              "hvp_route": t.variant.route if not mode or not t.second_order else
                              "finite-difference", "params": t.params,
                              "batch_size": config.batch_size or tasks.get_task(task).default_batch_size,
-                             "threads": threads, "rounds": rounds, "precision": config.precision, **s})
+                             "threads": threads, "rounds": rounds, "precision": config.precision, **s,
+                             "route_flop_evals": own_flops.get(key, math.nan)})
             if config.profile:
                 from .profiling import profile_product
                 for key, t in trainers.items():
@@ -386,7 +397,8 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
     write()      # the timings are kept even if a memory probe fails
     if config.memory:
         say("peak memory (fresh processes)")
-        mem = peak_memory(memory_jobs, steps=2 * _CYCLE, threads=threads, precision=config.precision)
+        mem = peak_memory(memory_jobs, steps=2 * _CYCLE, threads=threads, precision=config.precision,
+                          warmup=_CYCLE)
         for row in rows:
             if row["mode"] != "eager":
                 continue

@@ -11,6 +11,9 @@ twice), subtracts, and groups the extra time of the product into:
 * ``normalisation``: BatchNorm and LayerNorm kernels and their backward, whose double backward is
   elementwise work the FLOP count does not see;
 * ``elementwise``: the remaining aten operators (activations, their derivatives, additions, copies);
+* ``compiled``: the kernels ``torch.compile`` generated (one profiler entry per compiled graph), where
+  a compiled product's elementwise and normalisation work runs fused; its convolutions and matrix
+  products stay library calls and count under ``matmul/conv``;
 * ``autograd``: the autograd engine's own nodes (``...Backward0``), Python-side bookkeeping included.
 
 Three steps of each kind are profiled after the timing rounds (the kernels are warm) and averaged, so
@@ -29,7 +32,10 @@ import torch
 
 __all__ = ["profile_product", "CATEGORIES"]
 
-CATEGORIES = ("matmul/conv", "normalisation", "elementwise", "autograd")
+CATEGORIES = ("matmul/conv", "normalisation", "elementwise", "compiled", "autograd")
+COMPILED_GRAPH = "compiled graph (fused kernels)"
+# the graph's range on the CPU; its generated kernels (triton on CUDA, C++ on the CPU) where they are named
+_COMPILED = re.compile(r"CompiledFxGraph|Torch-Compiled Region|CompiledFunction|^triton_|^cpp_fused")
 _MATMUL = re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_?convolution.*|conv\d?d|mkldnn_convolution.*"
                      r"|cudnn_convolution.*|convolution_backward.*|_scaled_dot_product.*)$")
 _NORM = re.compile(r"^aten::(native_batch_norm.*|batch_norm.*|_batch_norm.*|cudnn_batch_norm.*"
@@ -37,6 +43,8 @@ _NORM = re.compile(r"^aten::(native_batch_norm.*|batch_norm.*|_batch_norm.*|cudn
 
 
 def category(name: str) -> str:
+    if name == COMPILED_GRAPH:
+        return "compiled"
     if _MATMUL.match(name):
         return "matmul/conv"
     if _NORM.match(name):
@@ -76,7 +84,9 @@ def _self_times(trainer: Any) -> dict[str, float]:
     out: dict[str, float] = {}
     for event in prof.key_averages():
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        out[event.key] = out.get(event.key, 0.0) + us / 1e3
+        # a compiled graph's entry is named by a hash that changes with every compilation
+        key = COMPILED_GRAPH if _COMPILED.search(event.key) else event.key
+        out[key] = out.get(key, 0.0) + us / 1e3
     return out
 
 

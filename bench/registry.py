@@ -26,9 +26,11 @@ __all__ = ["OptimizerSpec", "LOOP_OPTIONS", "register_optimizer", "unregister_op
 # < 1 takes each product on the loss of the first ceil(f * B) rows of the batch only (a plain backward
 # gives the update's gradient): the sub-batch estimate of Sophia (Liu et al. 2023); 1 is the exact one.
 # hvp_paired = True splits those rows into two halves and takes the paired estimate of (H z)^2 from
-# their two products (esgd.HessianOptimizer.accumulate_hvp_pair), which removes the extra sampling noise
-# a small sub-batch squares into the curvature; only for optimizers whose curvature is that square.
-LOOP_OPTIONS: dict[str, Any] = {"hvp_fraction": 1.0, "hvp_paired": False}
+# their two products (esgd.HessianOptimizer.accumulate_hvp_pair), which takes out most of the sampling
+# noise a small sub-batch squares into the curvature; only for optimizers whose curvature is that square.
+# hvp_compiled = True takes the exact product by forward-over-reverse differentiation compiled with
+# torch.compile (esgd.ForwardOverReverse): the same product, with the element-wise work fused.
+LOOP_OPTIONS: dict[str, Any] = {"hvp_fraction": 1.0, "hvp_paired": False, "hvp_compiled": False}
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class OptimizerSpec:
 
     @property
     def takes_loop_options(self) -> bool:
-        """Whether the loop options (``hvp_fraction``, ``hvp_paired``) apply: the factory is an esgd
+        """Whether the loop options (``hvp_fraction``, ``hvp_paired``, ``hvp_compiled``) apply: the factory is an esgd
         optimizer."""
         from esgd import HessianOptimizer
         return self.second_order and isinstance(self.factory, type) \
@@ -106,8 +108,7 @@ register_optimizer(OptimizerSpec(
 register_optimizer(OptimizerSpec(
     name="esgd-m-pair", factory=ESGD, second_order=True,
     description="ESGD-M with the paired estimate of (Hz)^2 from two 1/16 halves of the batch (hvp_fraction="
-                "0.125, hvp_paired=True): as cheap as esgd-m-sub, without its inflated curvature; unstable "
-                "on charlm at ESGD-M's rate (docs/performance.md)",
+                "0.125, hvp_paired=True): as cheap as esgd-m-sub, with much less of its inflated curvature",
     defaults={"hvp_fraction": 0.125, "hvp_paired": True}, lrs=_ESGD_M_LRS))
 register_optimizer(OptimizerSpec(
     name="esgd-m-max", factory=ESGDMax, second_order=True,

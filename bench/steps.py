@@ -17,7 +17,10 @@ is what is trained.  The routes:
   batch through DistributedDataParallel, and its local product outside DDP's reducer
   (:mod:`esgd.distributed` averages the products);
 * finite differences (``hvp_method="finite-difference"``, e.g. a compiled model): ``opt.step(closure)``
-  evaluates the gradient a second time at a moved point, with the random state rewound.
+  evaluates the gradient a second time at a moved point, with the random state rewound;
+* the compiled exact product (``hvp_compiled``): on product steps, loss, gradient and product from one
+  forward-over-reverse pass compiled with ``torch.compile`` (:class:`esgd.ForwardOverReverse`); other
+  steps are plain.
 
 The batch size stays the global, per-optimizer-step batch, so every combination sees the same data and,
 to float rounding, takes the same steps as one process with one batch.
@@ -41,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from esgd import DoubleBackwardUnsupportedError, hvp_attention
+from esgd import DoubleBackwardUnsupportedError, ForwardOverReverse, hvp_attention
 from esgd._base import rng_state, set_rng_state
 from tasks import Problem
 
@@ -176,6 +179,14 @@ def check_route(choice: OptimizerChoice, *, accumulate: int = 1, world: int = 1,
         what = "hvp_paired" if choice.hvp_paired else "hvp_fraction < 1"
         raise BenchError(f"{choice.label}: {what} needs the exact product (hvp_method="
                          "'autograd') and works without --accumulate, --nproc and --compile")
+    if choice.second_order and choice.hvp_compiled:
+        if choice.hvp_fraction < 1 or choice.hvp_paired:
+            raise BenchError(f"{choice.label}: hvp_compiled takes the exact product of the whole batch; it "
+                             "does not combine with hvp_fraction < 1 or hvp_paired")
+        if accumulate > 1 or world > 1 or compile or method != "autograd" or precision == "fp16":
+            raise BenchError(f"{choice.label}: hvp_compiled compiles the product itself, of one batch on one "
+                             "process: it works without --accumulate, --nproc, --compile, hvp_method and "
+                             "--precision fp16 (bf16 works)")
 
 
 class DDPRoute:
@@ -252,6 +263,8 @@ class StepRoute:
                 esgd_dist.setup(opt)
         self._replay: tuple[Any, tuple] | None = None
         self._loss: torch.Tensor | None = None
+        self.forward_over_reverse = ForwardOverReverse(problem.model, problem.loss) \
+            if self.second_order and choice.hvp_compiled else None
 
     def is_hvp_step(self) -> bool:
         """Whether the coming step takes a Hessian-vector product."""
@@ -290,8 +303,11 @@ class StepRoute:
 
     def _simple(self, batch: Any) -> torch.Tensor:
         problem, opt = self.problem, self.opt
-        loss = self._forward_loss(batch)
         graph = self.second_order and needs_create_graph(opt, True)
+        if graph and self.forward_over_reverse is not None:
+            with autocast(self.precision, self.device):
+                return self.forward_over_reverse.backward(opt, batch)
+        loss = self._forward_loss(batch)
         pair = pair_batches(batch, self.fraction) if graph and self.paired else None
         part = sub_batch(batch, self.fraction) if graph and not self.paired else None
         if part is None and pair is None:

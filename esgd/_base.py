@@ -57,7 +57,7 @@ Mixed precision is handled here once for every optimizer:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.optim import Optimizer
@@ -423,15 +423,20 @@ class HessianOptimizer(Optimizer):
         ``covers`` :math:`= f = 2n / B`, the fraction of the batch they cover together, the estimate
 
         .. math::
-            e = a b + f \left(\frac{a - b}{2}\right)^2
+            e = \max(a b, 0) + f \left(\frac{a - b}{2}\right)^2
 
-        has, for independent rows, the expectation of the whole batch's squared product:
+        has, for independent rows, about the expectation of the whole batch's squared product:
         :math:`\mathbb{E}[ab] = (\bar H z)^2` and :math:`((a - b)/2)^2` estimates the variance of their
-        mean, :math:`\sigma^2 / (2n)`.  With ``covers=1`` it is :math:`((a + b)/2)^2`, the whole
-        batch's own product.  A single estimate can be negative; it is clamped at zero.
+        mean, :math:`\sigma^2 / (2n)`, so :math:`f ((a - b)/2)^2` estimates the whole batch's
+        :math:`\sigma^2 / B`.  Where the two halves disagree in sign, :math:`ab < 0` says that the
+        element's curvature is below the noise, and the estimate is floored at the noise term instead of
+        going to zero: an element whose estimate were zero would take a step limited only by ``eps``.
+        The floor adds :math:`\mathbb{E}[\max(-ab, 0)]`, which is small wherever the curvature stands
+        out of the noise.  Where the halves agree in sign and ``covers=1``, it is
+        :math:`((a + b)/2)^2`, the whole batch's own product.
 
         Only for optimizers whose curvature is built from :math:`(H z)^2` alone (``squares_products``:
-        ``ESGD``, ``ESGDMax``, ``PlainESGD``): the update receives :math:`\sqrt{\max(e, 0)}` as its
+        ``ESGD``, ``ESGDMax``, ``PlainESGD``): the update receives :math:`\sqrt{e}` as its
         product.  Call it once on an HVP step, with a plain ``backward()`` of the whole batch for the
         gradient (elsewhere a no-op); under a ``GradScaler`` pass both losses scaled.  Products are not
         averaged across data-parallel ranks (``hvp_reduce``).
@@ -464,6 +469,21 @@ class HessianOptimizer(Optimizer):
 
     def _products(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """``H z`` through ``grads``' graph with this step's probes (scaled as the step's first product)."""
+        return self.hessian_vector_products(params, grads, self.hvp_probes(params))
+
+    def hvp_probes(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """This step's probe ``z`` of each of ``params``, for products computed by the caller.
+
+        A loop that computes ``H z`` itself, without ``backward(create_graph=True)`` (for example by
+        forward-over-reverse differentiation, :class:`esgd.ForwardOverReverse`), takes the probes here
+        and hands the products to :meth:`accumulate_products`.  The first call of a step draws them;
+        every later call of the step returns the same ones.  Under a ``GradScaler`` they are scaled by
+        ``1 / S`` like the probes of the step's other products.  Only on steps that take a product
+        (``opt.should_create_graph()``).
+        """
+        if not (self.is_hvp_step() and self.hvp_method == "autograd"):
+            raise RuntimeError(f"{type(self).__name__}: hvp_probes is for the steps that take an exact "
+                               "product (opt.should_create_graph() is True)")
         if not self._probes:
             # the step's first product: every product of one step shares the scale, as it shares the probe
             self._probe_scale = self._scale_for_probes()
@@ -471,7 +491,31 @@ class HessianOptimizer(Optimizer):
         probes = [self._probe_for(p) for p in params]
         if self._probe_scale is not None:
             probes = [z * self._probe_scale.to(z.device) for z in probes]
-        return self.hessian_vector_products(params, grads, probes)
+        return probes
+
+    @torch.no_grad()
+    def accumulate_products(self, params: Sequence[torch.Tensor], products: Sequence[torch.Tensor]) -> None:
+        """Fold products ``H z`` that the caller computed with :meth:`hvp_probes`' probes into this step's
+        sum (on HVP steps; elsewhere a no-op), as :meth:`accumulate_hvp` folds its own."""
+        if not (self.is_hvp_step() and self.hvp_method == "autograd"):
+            return
+        name = type(self).__name__
+        params, products = list(params), list(products)
+        if len(params) != len(products):
+            raise ValueError(f"{name}: accumulate_products got {len(products)} products for "
+                             f"{len(params)} parameters")
+        if self._hvp_pair is not None:
+            raise RuntimeError(f"{name}: this step already has a paired estimate (accumulate_hvp_pair), so "
+                               "it takes no other product")
+        for p, h in zip(params, products):
+            if p not in self._probes:
+                raise RuntimeError(f"{name}: a product was given for a parameter without a probe this step; "
+                                   "take the probes from opt.hvp_probes(params) first")
+            if h.shape != p.shape:
+                raise ValueError(f"{name}: a product of shape {tuple(h.shape)} was given for a parameter of "
+                                 f"shape {tuple(p.shape)}")
+            total = self._hvp_sums.get(p)
+            self._hvp_sums[p] = h.detach().clone() if total is None else total.add_(h)
 
     def _scale_for_probes(self) -> torch.Tensor | None:
         """``1 / S`` for the last scale ``S`` a GradScaler handed over, or ``None`` without one.
@@ -759,20 +803,26 @@ class HessianOptimizer(Optimizer):
 
 
 def paired_estimate(a: list[torch.Tensor], b: list[torch.Tensor], covers: float) -> list[torch.Tensor]:
-    """``sqrt(max(a b + covers ((a - b) / 2)^2, 0))`` per element: a product whose square is the paired
+    """``sqrt(max(a b, 0) + covers ((a - b) / 2)^2)`` per element: a product whose square is the paired
     estimate of :meth:`HessianOptimizer.accumulate_hvp_pair` (``a`` is overwritten)."""
     diff = torch._foreach_sub(a, b)
     torch._foreach_mul_(a, b)
-    torch._foreach_addcmul_(a, diff, diff, value=covers / 4)
     torch._foreach_clamp_min_(a, 0.0)
+    torch._foreach_addcmul_(a, diff, diff, value=covers / 4)
     torch._foreach_sqrt_(a)
     return a
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether no tensor holds an inf or NaN, with one host synchronisation (the infinity norm keeps
-    both, and unlike a sum it cannot overflow on finite values)."""
+    """Whether no tensor holds an inf or NaN, with one host synchronisation in the common case.
+
+    A finite Euclidean norm proves every element finite (an inf or NaN makes it inf or NaN); it is the
+    fast reduction (on the CPU the infinity norm takes about fifteen times as long).  A non-finite one may
+    also be the squares of large finite values overflowing, so then the infinity norm, which keeps infs
+    and NaNs and cannot overflow, decides."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
+        return True
+    if bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
         return True
     return bool(torch.stack(torch._foreach_norm(tensors, math.inf)).isfinite().all())

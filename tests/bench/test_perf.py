@@ -22,8 +22,8 @@ from bench.display import perf_table, targets_table
 from bench.errors import BenchError
 from bench.memory import probe
 from bench.optimizers import OptimizerSpecError, list_optimizers, parse_optimizer
-from bench.profiling import CATEGORIES
-from bench.steps import StepRoute, sub_batch
+from bench.profiling import CATEGORIES, COMPILED_GRAPH
+from bench.steps import StepRoute, check_route, sub_batch
 from bench.train import train
 from cli import app
 from tasks import TaskConfig, build_task
@@ -101,6 +101,28 @@ def test_paired_products_are_those_of_two_disjoint_halves(task, options):
     route.step()
     assert opt._hvp_pair is None and all(not p.grad.requires_grad for p in params)
     route.close()
+
+
+def test_compiled_product_is_the_exact_product_of_the_whole_batch():
+    """hvp_compiled: gradient, buffers and product of the step are those of the double backward, to the
+    float32 rounding of a reordered computation."""
+    problem, params, _, opt, route, batch = _first_hvp_step("mnist", TINY["mnist"], "esgd-m:hvp_compiled=true")
+    assert route.forward_over_reverse is not None
+    probes = [opt._probes[p] for p in params]
+    for p, w in zip(params, _product_of(problem, params, batch, probes)):
+        torch.testing.assert_close(opt._hvp_sums[p], w, rtol=1e-4, atol=1e-6)
+    route.step()
+    assert not opt._hvp_sums and all(not p.grad.requires_grad for p in params)
+    route.close()
+
+
+@pytest.mark.parametrize("extra,options", [({"accumulate": 2}, ""), ({"nproc": 2}, ""), ({"compile": True}, ""),
+                                           ({"precision": "fp16"}, ""), ({}, ",hvp_fraction=0.5"),
+                                           ({}, ",hvp_method='finite-difference'")])
+def test_compiled_product_is_refused_where_it_does_not_apply(extra, options):
+    with pytest.raises(BenchError, match="hvp_compiled"):
+        make_config({"tasks": ["mnist"], "optimizers": [f"esgd-m:hvp_compiled=true{options}"], "device": "cpu",
+                     **extra})
 
 
 BAD_FRACTION = "esgd-m:hvp_fraction=0.5,hvp_method='finite-difference'"
@@ -186,10 +208,14 @@ def test_perf_tiny_run_writes_finite_ratios(tmp_path):
     assert second_order["hvp_grad_evals"].map(math.isfinite).all()
     # FLOP counts are exact: a finite-difference product is one more forward+backward of the same
     # batch; an exact product adds more than one and, by the R-operator count, about two (at most three).
-    flops = saved[saved["section"] == "task"].set_index("optimizer")["hvp_flop_evals"]
+    tasks = saved[saved["section"] == "task"].set_index("optimizer")
+    flops, own = tasks["hvp_flop_evals"], tasks["route_flop_evals"]
     assert flops["esgd-m-fd"] == pytest.approx(1.0)
     assert 1.0 < flops["esgd-m"] <= 3.0 and 1.0 < flops["esgd"] <= 3.0
     assert 0.0 < flops["esgd-m-sub"] < flops["esgd-m"] and 0.0 < flops["esgd-m-pair"] < flops["esgd-m"]
+    # every exact route is held to the fewest FLOPs any of them counts for the same product
+    exact = tasks[tasks["hvp_route"] == "exact"]
+    assert (exact["hvp_flop_evals"] == own[exact.index].min()).all() and (own[exact.index] >= 1.0).all()
     assert meta["target_checks"] and meta["threads"] == 1 and meta["device"] == "cpu"
     # the rich tables
     shown = "\n".join(_render(t) for t in perf_table(table))
@@ -256,10 +282,13 @@ def test_profile_splits_the_product_into_categories(tmp_path):
                                        batch_size=8, widths=(), options=TINY, threads=1, memory=False,
                                        profile=True))
     prof = pd.read_csv(out / "profile.csv")
-    assert set(prof["optimizer"]) == {"esgd-m", "esgd"}
-    for _, g in prof.groupby("optimizer"):
+    assert set(prof["optimizer"]) == {v.label for v in pf.VARIANTS if v.route == "exact"}
+    for label, g in prof.groupby("optimizer"):
         cats = g[g["kind"] == "category"].set_index("name")
         assert list(cats.index) == list(CATEGORIES) + ["total"]
+        # the compiled product runs in generated kernels, and only it does
+        assert (cats.loc["compiled", "hvp_ms"] > 0) == parse_optimizer(
+            next(v.spec for v in pf.VARIANTS if v.label == label)).hvp_compiled
         assert cats.loc["total", "extra_ms"] == pytest.approx(cats.drop("total")["extra_ms"].sum())
         assert cats.loc["matmul/conv", "extra_ms"] > 0 and cats.loc["total", "hvp_ms"] > cats.loc["total", "plain_ms"]
         assert 1 <= (g["kind"] == "op").sum() <= 8
@@ -270,6 +299,7 @@ def test_profile_categories():
     assert category("aten::addmm") == category("aten::convolution_backward") == "matmul/conv"
     assert category("aten::native_batch_norm_backward") == "normalisation"
     assert category("aten::mul") == "elementwise" and category("MulBackward0") == "autograd"
+    assert category(COMPILED_GRAPH) == "compiled"
 
 
 def test_perf_cli_prints_the_profile(tmp_path):
@@ -278,3 +308,21 @@ def test_perf_cli_prints_the_profile(tmp_path):
                                    "--out", str(tmp_path / "p")])
     assert res.exit_code == 0, res.output
     assert "mnist, esgd-m: self time of one HVP step" in res.stdout and "profile.csv" in res.stdout
+
+
+@pytest.mark.parametrize("compiled,precision", [(False, "fp32"), (True, "fp32"), (False, "fp16"), (False, "bf16")])
+def test_every_variant_perf_times_is_a_route_the_config_accepts(compiled, precision):
+    """perf --compile and --precision skip the variants whose route does not apply, and time the rest."""
+    timed = [v for v in pf.VARIANTS if pf._applies(v, compiled, precision)]
+    for v in pf.VARIANTS:
+        extra = pf.compiled_extras(v.choice) if compiled else {}
+        method = extra.get("hvp_method") or v.choice.given.get("hvp_method")
+        try:
+            check_route(v.choice, compile=compiled, hvp_method=method, precision=precision)
+            ok = True
+        except BenchError:
+            ok = False
+        if v in timed:
+            assert ok, v.label
+    assert {v.label for v in timed} >= {"esgd-m", "adam"}
+    assert any(v.choice.hvp_compiled for v in timed) == (not compiled and precision != "fp16")

@@ -62,12 +62,12 @@ def hvp(params, x, y, t, probes, scale=1.0, part=slice(None)):
 
 def paired_squares(halves, covers):
     """The paired estimate of (H z)^2 from the products of two sub-batches, element by element:
-    max(a b + covers ((a - b) / 2)^2, 0)."""
+    max(a b, 0) + covers ((a - b) / 2)^2."""
 
     def squares(params, x, y, t, probes, scale):
         a = hvp(params, x, y, t, probes, scale, halves[0])
         b = hvp(params, x, y, t, probes, scale, halves[1])
-        return [torch.clamp(ai * bi + covers * ((ai - bi) / 2) ** 2, min=0.0) for ai, bi in zip(a, b)]
+        return [torch.clamp(ai * bi, min=0.0) + covers * ((ai - bi) / 2) ** 2 for ai, bi in zip(a, b)]
     return squares
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -116,3 +118,13 @@ def test_parameters_on_mixed_devices_are_rejected(cls):
     other = torch.nn.Parameter(torch.zeros(2, device="meta"))
     with pytest.raises(ValueError, match="one device.*cpu.*meta|one device.*meta.*cpu"):
         cls([cpu, other])
+
+
+def test_the_finiteness_check_tells_overflowing_squares_from_infinities():
+    """A product of 1e30 is finite though its square overflows float32: it must not be dropped."""
+    from esgd._base import _all_finite
+    big = torch.full((4,), 1e30)
+    assert _all_finite([big, torch.ones(3)]) and _all_finite([]) and _all_finite([torch.empty(0)])
+    for bad in (math.inf, -math.inf, math.nan):
+        assert not _all_finite([big, torch.tensor([1.0, bad])])
+        assert not _all_finite([torch.ones(2), torch.tensor([bad])])

@@ -1,0 +1,151 @@
+r"""Exact Hessian-vector products by forward-over-reverse differentiation, which ``torch.compile`` takes.
+
+The usual route builds the gradient's graph (``loss.backward(create_graph=True)``) and differentiates it
+once more inside ``opt.step()``: a double backward.  ``torch.compile`` cannot compile a double backward,
+and run eagerly, the second backward of a network with BatchNorm and ReLU is a long run of small
+element-wise kernels, each a pass over memory, that together cost as much as its convolutions
+(docs/performance.md has the profiles).  Forward-over-reverse computes the same product another way:
+the gradient as a function of the parameters, :math:`g(\theta)` (``torch.func.grad``), pushed forward
+along the probe (``torch.func.jvp``), gives in one pass
+
+.. math::
+    \left(g(\theta),\ \frac{\partial g}{\partial \theta} z\right) = (g,\ H z),
+
+and since that pass is one pure function of parameters, buffers and batch, ``torch.compile`` compiles the
+whole of it and fuses the element-wise work.  :class:`ForwardOverReverse` takes the place of
+``loss.backward(...)`` in a training loop::
+
+    fr = esgd.ForwardOverReverse(model, lambda x, y: loss_fn(model(x), y))
+    for x, y in loader:
+        opt.zero_grad(set_to_none=True)
+        loss = fr.backward(opt, x, y)
+        opt.step()
+
+On the optimizer's HVP steps it evaluates the loss, adds the gradient of every trainable parameter of the
+model to its ``.grad`` (parameters that a second optimizer holds included), moves the model's buffers
+(BatchNorm's running statistics) as the forward would have, and hands the product of ``opt``'s
+parameters to ``opt.accumulate_products``; on the other steps it is a forward and a plain
+``backward()``.  The product is the double backward's to rounding (the tests compare them in float64).
+
+What the model needs: its forward is a function of its parameters, buffers and inputs, changing nothing
+but its own buffers in place; a loss term built from parameter tensors captured elsewhere (a list made
+before training) is seen as a constant.  Differences from ``backward()`` on HVP steps: a parameter the
+loss does not use gets a zero gradient rather than none; the gradient is written directly, so
+DistributedDataParallel does not average it; with ``generator=None`` the probes are drawn from the
+global random stream before the forward, so random layers (dropout) draw other masks than on the
+double-backward route.  Not with a ``GradScaler``, whose loss scale it does not apply; bfloat16
+``torch.autocast`` around the call works.
+
+The first HVP step compiles (seconds for a small network, minutes for a ResNet on a CPU), and so does a
+batch of a new shape or another model; the instances share one compiled function, and past
+``torch._dynamo.config.recompile_limit`` variants torch runs it eagerly, slower than the double backward.
+``compile=False`` runs the same function eagerly, to check against.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+from .attention import hvp_attention
+
+__all__ = ["ForwardOverReverse"]
+
+
+class _LossModule(nn.Module):
+    """The loss as a module whose one child is the model: ``functional_call`` then swaps the model's
+    parameters in place, under a loss function that calls the model it closes over."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.loss_fn(*args, **kwargs)
+
+
+def _gradient_and_product(module: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                          probes: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> tuple:
+    """``(loss, g, H z, buffers after the forward)`` in one forward-over-reverse pass."""
+
+    def loss_and_buffers(p: dict[str, torch.Tensor]) -> tuple:
+        # Copies made inside the transform: the forward may update them in place (running statistics),
+        # which torch.func forbids on tensors captured from outside.
+        moved = {k: v.clone() for k, v in buffers.items()}
+        loss = functional_call(module, (p, moved), args, kwargs)
+        return loss, (loss.detach(), moved)
+
+    def gradient(p: dict[str, torch.Tensor]) -> tuple:
+        return grad(loss_and_buffers, has_aux=True)(p)
+
+    g, hz, (loss, moved) = jvp(gradient, (params,), (probes,), has_aux=True)
+    return loss, g, hz, moved
+
+
+class ForwardOverReverse:
+    """The loss, its gradient and, on HVP steps, the exact product ``H z``, in place of ``backward()``.
+
+    Args:
+        model: the module whose parameters the optimizer updates (those it holds must be the model's).
+        loss_fn: called as ``loss_fn(*args, **kwargs)`` with the arguments of :meth:`backward`; returns
+            the scalar loss, calling ``model`` on the way.
+        compile: compile the forward-over-reverse pass with ``torch.compile`` (``True``, the point of
+            this route), with these keyword options (a dict), or run it eagerly (``False``).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], *,
+                 compile: bool | dict[str, Any] = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"ForwardOverReverse: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("ForwardOverReverse: loss_fn must be callable")
+        self.model = model
+        self.loss_fn = loss_fn
+        self._module = _LossModule(model, loss_fn)
+        self._named = [("model." + name, p) for name, p in model.named_parameters()]
+        if compile is False:
+            self._pass = _gradient_and_product
+        else:
+            self._pass = torch.compile(_gradient_and_product, **(compile if isinstance(compile, dict) else {}))
+
+    def backward(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Evaluate ``loss_fn(*args, **kwargs)``, add its gradient to ``.grad`` and, if ``opt``'s next
+        step takes a product, fold ``H z`` into ``opt``; returns the loss, detached."""
+        if not getattr(opt, "should_create_graph", lambda: False)():
+            if getattr(opt, "hvp_method", "autograd") != "autograd" and opt.is_hvp_step():
+                raise ValueError("ForwardOverReverse computes exact products; construct the optimizer with "
+                                 "hvp_method='autograd'")
+            loss = self.loss_fn(*args, **kwargs)
+            loss.backward()
+            return loss.detach()
+        held = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        names = {p: name for name, p in self._named}
+        missing = [p for p in held if p not in names]
+        if missing:
+            raise ValueError(f"ForwardOverReverse: the optimizer holds {len(missing)} parameter(s) that are "
+                             "not the model's")
+        # Every trainable parameter of the model is differentiated, so a second optimizer's parameters get
+        # their gradients too; only opt's have a probe (the others' are zero, which leaves opt's products
+        # unchanged: H z takes no contribution from a zero direction).
+        trainable = [(n, p) for n, p in self._named if p.requires_grad]
+        probes = dict(zip([names[p] for p in held], opt.hvp_probes(held)))
+        tangents = {n: probes[n] if n in probes else torch.zeros_like(p) for n, p in trainable}
+        buffers = {"model." + name: b for name, b in self.model.named_buffers()}
+        # Differentiating twice needs the math attention kernel, as the double backward does.
+        with hvp_attention(True):
+            loss, g, hz, moved = self._pass(self._module, {n: p.detach() for n, p in trainable}, buffers,
+                                            tangents, args, kwargs)
+        with torch.no_grad():
+            for name, b in buffers.items():
+                b.copy_(moved[name])
+            for n, p in trainable:
+                if p.grad is None:
+                    p.grad = g[n].detach()
+                else:
+                    p.grad.add_(g[n])
+        opt.accumulate_products(held, [hz[names[p]] for p in held])
+        return loss

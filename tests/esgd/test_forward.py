@@ -1,0 +1,200 @@
+"""Forward-over-reverse products (``esgd.ForwardOverReverse``, ``hvp_probes``/``accumulate_products``):
+every optimizer of the package trains on them as on the double backward, in float64 to rounding,
+eagerly and compiled; buffers move as the forward moves them; misuse is refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import esgd
+from esgd import ForwardOverReverse, HessianOptimizer
+
+OPTIMIZERS = [c for c in vars(esgd).values()
+              if isinstance(c, type) and issubclass(c, HessianOptimizer) and c is not HessianOptimizer]
+STEPS = 6
+SCHEDULE = {"update_d_every": 2, "d_warmup": 2}    # product steps 1, 2, 4, 6: both kinds of step
+# Sophia divides by max(rho * h, eps): at its default eps = 1e-12 an element whose curvature estimate is
+# near zero magnifies the two routes' rounding (1e-16) to 1e-6 in the parameters; a floor of 1e-6 keeps
+# the comparison one of the products, not of that division.
+SETTINGS = {esgd.Sophia: {"eps": 1e-6}}
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
+
+def convnet() -> nn.Module:
+    """BatchNorm in training mode, ReLU, pooling: the layers whose double backward the route replaces."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batches(model_fn, n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    shape = (8, 1, 6, 6) if model_fn is convnet else (8, 5)
+    return [(torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(n)]
+
+
+def train(cls, model_fn, route: str, *, frozen: bool = False):
+    """``STEPS`` steps of ``cls`` on a float64 ``model_fn()``; products by ``route``: "double" (backward
+    with create_graph), "eager" or "compiled" (forward-over-reverse).  Returns losses, parameters,
+    buffers and the product steps."""
+    torch.manual_seed(0)
+    model = model_fn().double()
+    if frozen:                    # a parameter the optimizer does not hold stays a constant
+        model[0].weight.requires_grad_(False)
+    kwargs = {k: v for k, v in SCHEDULE.items() if k in cls.__init__.__code__.co_varnames}
+    opt = cls([p for p in model.parameters() if p.requires_grad], lr=0.05,
+              generator=torch.Generator().manual_seed(3), **kwargs, **SETTINGS.get(cls, {}))
+    loss_of = lambda x, y: nn.functional.cross_entropy(model(x), y)      # noqa: E731
+    fr = None if route == "double" else ForwardOverReverse(model, loss_of, compile=route == "compiled")
+    losses, products = [], []
+    for x, y in batches(model_fn):
+        products.append(opt.is_hvp_step())
+        opt.zero_grad(set_to_none=True)
+        if fr is None:
+            loss = loss_of(x, y)
+            loss.backward(create_graph=opt.should_create_graph())
+        else:
+            loss = fr.backward(opt, x, y)
+            assert not loss.requires_grad and all(not p.grad.requires_grad for p in opt.param_groups[0]["params"])
+        opt.step()
+        losses.append(loss.item())
+    flat = lambda ts: torch.cat([t.detach().double().flatten() for t in ts])    # noqa: E731
+    return losses, flat(model.parameters()), flat(model.buffers()), products
+
+
+def assert_same(a, b, tol: float = 1e-10) -> None:
+    assert a[3] == b[3] and any(a[3]) and not all(a[3])
+    assert a[0] == pytest.approx(b[0], rel=tol, abs=tol)
+    assert torch.allclose(a[1], b[1], rtol=tol, atol=tol), (a[1] - b[1]).abs().max()
+    assert torch.allclose(a[2], b[2], rtol=tol, atol=tol), (a[2] - b[2]).abs().max()
+
+
+@pytest.mark.parametrize("model_fn", [convnet, mlp])
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_eager_forward_over_reverse_trains_as_the_double_backward(cls, model_fn):
+    double = train(cls, model_fn, "double")
+    assert double[1].isfinite().all() and double[0][-1] != double[0][0]
+    assert_same(train(cls, model_fn, "eager"), double)
+
+
+def test_a_frozen_parameter_stays_a_constant():
+    assert_same(train(esgd.ESGD, convnet, "eager", frozen=True), train(esgd.ESGD, convnet, "double", frozen=True))
+
+
+def test_compiled_forward_over_reverse_trains_as_the_double_backward():
+    """torch.compile reorders and fuses the arithmetic, so float64 agrees to rounding, not to the bit."""
+    assert_same(train(esgd.ESGD, mlp, "compiled"), train(esgd.ESGD, mlp, "double"), tol=1e-9)
+
+
+def test_the_buffers_move_once_per_step_as_the_forward_moves_them():
+    torch.manual_seed(0)
+    model = convnet().double()
+    twin = convnet().double()
+    twin.load_state_dict(model.state_dict())
+    opt = esgd.ESGD(model.parameters(), lr=0.01)
+    x, y = batches(convnet, 1)[0]
+    ForwardOverReverse(model, lambda x, y: nn.functional.cross_entropy(model(x), y), compile=False).backward(opt, x, y)
+    twin(x)
+    for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+        assert torch.equal(a, b) if not a.is_floating_point() else torch.allclose(a, b, rtol=1e-12), name
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_the_probes_are_the_steps_own_and_products_add_up():
+    p = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = esgd.ESGD([p], lr=0.1, generator=torch.Generator().manual_seed(0))
+    z = opt.hvp_probes([p])[0]
+    assert torch.equal(opt.hvp_probes([p])[0], z) and set(z.tolist()) <= {-1.0, 1.0}
+    opt.accumulate_products([p], [torch.full((3,), 2.0, dtype=torch.float64)])
+    opt.accumulate_products([p], [torch.full((3,), 1.0, dtype=torch.float64)])
+    assert torch.equal(opt._hvp_sums[p], torch.full((3,), 3.0, dtype=torch.float64))
+
+
+def test_a_second_optimizers_parameters_get_their_gradients_and_the_product_is_unchanged():
+    """Two optimizers over one model: ESGD holds the convolutions, Adam the rest; on a product step both
+    get the double backward's gradients, and ESGD's product is that of its own block of H."""
+    x, y = batches(convnet, 1)[0]
+    got = []
+    for route in ("double", "eager"):
+        torch.manual_seed(0)
+        model = convnet().double()
+        convs = [m.weight for m in model if isinstance(m, nn.Conv2d)]
+        opt = esgd.ESGD(convs, lr=0.1, generator=torch.Generator().manual_seed(1))
+        loss_of = lambda x, y: nn.functional.cross_entropy(model(x), y)      # noqa: E731
+        if route == "double":
+            loss_of(x, y).backward(create_graph=True)
+            opt.accumulate_hvp()
+        else:
+            ForwardOverReverse(model, loss_of, compile=False).backward(opt, x, y)
+        got.append(([p.grad.detach().clone() for p in model.parameters()], [opt._hvp_sums[p] for p in convs]))
+    for a, b in zip(got[0][0] + got[0][1], got[1][0] + got[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_misuse_is_refused_in_one_line():
+    p = nn.Parameter(torch.ones(3))
+    opt = esgd.ESGD([p], lr=0.1, d_warmup=1, update_d_every=2)
+    with pytest.raises(RuntimeError, match="steps that take an exact product"):
+        esgd.ESGD([p], lr=0.1, hvp_method="finite-difference").hvp_probes([p])
+    with pytest.raises(RuntimeError, match="hvp_probes"):
+        opt.accumulate_products([p], [torch.ones(3)])
+    opt.hvp_probes([p])
+    with pytest.raises(ValueError, match="shape"):
+        opt.accumulate_products([p], [torch.ones(4)])
+    with pytest.raises(ValueError, match="2 products for 1"):
+        opt.accumulate_products([p], [torch.ones(3), torch.ones(3)])
+    model = nn.Linear(2, 1)
+    fr = ForwardOverReverse(model, lambda x: model(x).sum(), compile=False)
+    with pytest.raises(ValueError, match="not the model's"):
+        fr.backward(esgd.ESGD([nn.Parameter(torch.ones(1))], lr=0.1), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="hvp_method='autograd'"):
+        fr.backward(esgd.ESGD(model.parameters(), lr=0.1, hvp_method="finite-difference"), torch.ones(1, 2))
+    with pytest.raises(TypeError, match="nn.Module"):
+        ForwardOverReverse(lambda x: x, lambda x: x)
+
+
+def test_steps_without_a_product_are_a_plain_backward():
+    model = mlp().double()
+    opt = esgd.ESGD(model.parameters(), lr=0.1, d_warmup=1, update_d_every=5)
+    fr = ForwardOverReverse(model, lambda x, y: nn.functional.cross_entropy(model(x), y), compile=False)
+    x, y = batches(mlp, 1)[0]
+    fr.backward(opt, x, y)
+    opt.step()
+    assert not opt.is_hvp_step()
+    opt.zero_grad(set_to_none=True)
+    loss = fr.backward(opt, x, y)
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert not opt._hvp_sums and not opt._probes
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters())) and loss.item() > 0
+
+
+def test_under_bfloat16_autocast_the_product_is_the_double_backwards_to_bfloat16_rounding():
+    """bfloat16 keeps 8 significant bits (a relative rounding of 2**-9 per operation); the two routes
+    round different intermediate results, so their products agree to a few of those roundings, in norm."""
+    products = []
+    for route in ("double", "eager"):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = esgd.ESGD(model.parameters(), lr=0.01, generator=torch.Generator().manual_seed(3))
+        x, y = (t.float() if t.is_floating_point() else t for t in batches(mlp, 1)[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if route == "double":
+                nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
+                opt.accumulate_hvp()
+            else:
+                ForwardOverReverse(model, lambda x, y: nn.functional.cross_entropy(model(x), y),
+                                   compile=False).backward(opt, x, y)
+        products.append(torch.cat([opt._hvp_sums[p].flatten() for p in model.parameters()]))
+    a, b = products
+    assert a.dtype == torch.float32 and a.norm() > 0
+    assert (a - b).norm() / a.norm() < 16 * 2.0 ** -9, (a - b).norm() / a.norm()
