@@ -183,10 +183,10 @@ def check_route(choice: OptimizerChoice, *, accumulate: int = 1, world: int = 1,
         if choice.hvp_fraction < 1 or choice.hvp_paired:
             raise BenchError(f"{choice.label}: hvp_compiled takes the exact product of the whole batch; it "
                              "does not combine with hvp_fraction < 1 or hvp_paired")
-        if accumulate > 1 or world > 1 or compile or method != "autograd" or precision == "fp16":
+        if accumulate > 1 or world > 1 or compile or method != "autograd" or precision != "fp32":
             raise BenchError(f"{choice.label}: hvp_compiled compiles the product itself, of one batch on one "
-                             "process: it works without --accumulate, --nproc, --compile, hvp_method and "
-                             "--precision fp16 (bf16 works)")
+                             "process, in float32: it works without --accumulate, --nproc, --compile, "
+                             "hvp_method and --precision bf16/fp16")
 
 
 class DDPRoute:

@@ -33,8 +33,10 @@ before training) is seen as a constant.  Differences from ``backward()`` on HVP 
 loss does not use gets a zero gradient rather than none; the gradient is written directly, so
 DistributedDataParallel does not average it; with ``generator=None`` the probes are drawn from the
 global random stream before the forward, so random layers (dropout) draw other masks than on the
-double-backward route.  Not with a ``GradScaler``, whose loss scale it does not apply; bfloat16
-``torch.autocast`` around the call works.
+double-backward route.  Not with a ``GradScaler``, whose loss scale it does not apply.  Under bfloat16
+``torch.autocast`` it works for models without BatchNorm (an MLP, a transformer with LayerNorm); with
+torch 2.14, a convolution after a BatchNorm inside ``torch.func``'s transforms under autocast fails
+(the convolution's input is left in float32), which is reported as one ``RuntimeError``.
 
 The first HVP step compiles (seconds for a small network, minutes for a ResNet on a CPU), and so does a
 batch of a new shape or another model; the instances share one compiled function, and past
@@ -136,9 +138,17 @@ class ForwardOverReverse:
         tangents = {n: probes[n] if n in probes else torch.zeros_like(p) for n, p in trainable}
         buffers = {"model." + name: b for name, b in self.model.named_buffers()}
         # Differentiating twice needs the math attention kernel, as the double backward does.
-        with hvp_attention(True):
-            loss, g, hz, moved = self._pass(self._module, {n: p.detach() for n, p in trainable}, buffers,
-                                            tangents, args, kwargs)
+        try:
+            with hvp_attention(True):
+                loss, g, hz, moved = self._pass(self._module, {n: p.detach() for n, p in trainable}, buffers,
+                                                tangents, args, kwargs)
+        except RuntimeError as err:
+            if not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+                raise
+            opt._abandon_step()
+            raise RuntimeError("ForwardOverReverse: torch.func could not differentiate this model under "
+                               f"autocast ({' '.join(str(err).split())[:160]}); take this model's products "
+                               "in float32, or by loss.backward(create_graph=...)") from err
         with torch.no_grad():
             for name, b in buffers.items():
                 b.copy_(moved[name])

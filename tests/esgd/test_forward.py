@@ -219,3 +219,22 @@ def test_the_documented_loop_runs():
     exec(compile("\n".join(line[2:] if line.startswith("  ") else line for line in code.splitlines()),
                  "optimizer.md", "exec"), scope)
     assert opt.steps_done == 4 and all(opt.state[p]["exp_avg_d_sq"].gt(0).any() for p in model.parameters())
+
+
+def test_under_autocast_a_model_torch_func_cannot_take_gets_one_clear_error():
+    """A convolution after a BatchNorm under bfloat16 autocast, inside torch.func's transforms: torch
+    leaves the convolution's input in float32.  The error names the route and the ways out, and the
+    optimizer is left as if the step had not begun."""
+    torch.manual_seed(0)
+    model = convnet()
+    opt = esgd.ESGD(model.parameters(), lr=0.01)
+    x, y = (t.float() if t.is_floating_point() else t for t in batches(convnet, 1)[0])
+    fr = ForwardOverReverse(model, lambda x, y: nn.functional.cross_entropy(model(x), y), compile=False)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fr.backward(opt, x, y)
+    except RuntimeError as err:
+        assert "under autocast" in str(err) and "float32" in str(err)
+        assert not opt._probes and not opt._hvp_sums
+    else:       # a torch that handles it: then the product must be there
+        assert opt._hvp_sums
