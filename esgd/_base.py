@@ -403,9 +403,7 @@ class HessianOptimizer(Optimizer):
                     return
                 raise MissingGraphError(MISSING_GRAPH_MESSAGE.format(name=type(self).__name__))
             hvps = self._products(params, [p.grad for p in params])
-        for p, h in zip(params, hvps):
-            total = self._hvp_sums.get(p)
-            self._hvp_sums[p] = h if total is None else total.add_(h)
+        self._fold(params, hvps)
         # The graph hanging off .grad references the parameters: drop it now, or it lives on
         # until the next zero_grad and keeps the whole double-backward graph in memory.
         for p in pending:
@@ -514,8 +512,14 @@ class HessianOptimizer(Optimizer):
             if h.shape != p.shape:
                 raise ValueError(f"{name}: a product of shape {tuple(h.shape)} was given for a parameter of "
                                  f"shape {tuple(p.shape)}")
+        # copied: the sum is added to in place, and the caller's tensors are the caller's
+        self._fold(params, [h.detach().clone() for h in products])
+
+    def _fold(self, params: list[torch.Tensor], hvps: list[torch.Tensor]) -> None:
+        """Add ``hvps``, tensors the optimizer may keep and add to in place, into this step's sums."""
+        for p, h in zip(params, hvps):
             total = self._hvp_sums.get(p)
-            self._hvp_sums[p] = h.detach().clone() if total is None else total.add_(h)
+            self._hvp_sums[p] = h if total is None else total.add_(h)
 
     def _scale_for_probes(self) -> torch.Tensor | None:
         """``1 / S`` for the last scale ``S`` a GradScaler handed over, or ``None`` without one.
