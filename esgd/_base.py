@@ -57,6 +57,7 @@ Mixed precision is handled here once for every optimizer:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -64,8 +65,8 @@ from torch.optim import Optimizer
 
 __all__ = ["HessianOptimizer", "MissingGraphError", "DoubleBackwardUnsupportedError", "HVP_METHODS",
            "STATE_DTYPES", "as_dtype", "by_dtypes", "check_betas", "check_int", "check_range",
-           "check_state_dtype", "decay_where_curved_", "is_narrow", "mark_zero_curvature_", "paired_estimate",
-           "pick", "rademacher", "rng_state", "round_into_", "set_rng_state", "state_dtype_for"]
+           "check_state_dtype", "decay_where_curved_", "is_narrow", "mark_zero_curvature_", "PairedSquares",
+           "paired_estimate", "pick", "rademacher", "rng_state", "round_into_", "set_rng_state", "state_dtype_for"]
 
 _GLOBAL_KEY = "hessian_schedule"
 
@@ -163,14 +164,16 @@ def rademacher(shape: torch.Size, generator: torch.Generator | None, device: tor
     """+1/-1 with equal odds, eight signs from each random byte.
 
     A CPU generator produces one number per element whatever the range, so ``randint(0, 2)`` over a
-    1.9 M-parameter MLP took 7-9 ms, most of a gradient evaluation (10 ms); unpacking the bits of
-    random bytes takes 2 ms.
+    1.9 M-parameter MLP took 7-9 ms, most of a gradient evaluation (10 ms).  The bits of random bytes
+    give the same signs for about 1.5 ms per million elements, gathered from a table of every byte's
+    eight signs (shifting the bits out took about 2 ms).
     """
     n = math.prod(shape)
     words = torch.empty((n + 7) // 8, dtype=torch.uint8, device=device).random_(generator=generator)
-    shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    bits = words.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:n]
-    return bits.to(dtype).mul_(2).sub_(1).view(shape)
+    # Row w of the table holds the eight signs of byte w (bit k set: +1), so one gather writes the probe.
+    w = torch.arange(256, device=device).unsqueeze(1)
+    table = ((w >> torch.arange(8, device=device)) & 1).to(dtype).mul_(2).sub_(1)
+    return table.index_select(0, words.int()).view(-1)[:n].view(shape)
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -223,14 +226,32 @@ def decay_where_curved_(params: list[torch.Tensor], factors: list[float], denoms
         p.copy_(torch.where(denom.isinf(), p, p * factor))
 
 
+@dataclass(frozen=True)
+class PairedSquares:
+    """One step's paired estimate of :math:`(H z)^2`, per parameter (see
+    :meth:`HessianOptimizer.accumulate_hvp_pair`).
+
+    ``squares`` holds :math:`ab + f((a - b)/2)^2`, which has the expectation of the whole batch's
+    squared product and is negative where the halves disagree in sign by more than their noise;
+    ``floors`` holds its noise term :math:`f((a - b)/2)^2`, never negative.  An optimizer averages both
+    over steps and uses the larger average, so the sign noise of single steps cancels before anything
+    is floored.
+    """
+
+    squares: dict
+    floors: dict
+
+
 class HessianOptimizer(Optimizer):
     """Base class: an optimizer that needs ``H z`` on some steps.
 
     Subclasses set ``probe`` (``"rademacher"`` or ``"gaussian"``) and implement ``_update(hvp_step,
     hvps, grads)``, where ``grads`` maps each parameter that has a gradient to the gradient the update
     uses and ``hvps`` maps it to its product (or is ``None`` on a step without one); both are unscaled
-    and in the parameter's state dtype (:func:`state_dtype_for`).  The schedule follows docs/esgd-m.md:
-    a step is an HVP step while ``steps_done < d_warmup`` or once ``steps_since_hvp >= update_d_every``.
+    and in the parameter's state dtype (:func:`state_dtype_for`).  On a step with a paired estimate
+    (only where ``squares_products``), ``hvps`` is a :class:`PairedSquares` instead.  The schedule
+    follows docs/esgd-m.md: a step is an HVP step while ``steps_done < d_warmup`` or once
+    ``steps_since_hvp >= update_d_every``.
 
     ``torch.amp.GradScaler`` hands ``step()`` its scale and overflow flag instead of unscaling the
     gradients itself (``_step_supports_amp_scaling``); see the module docstring for the loop.
@@ -239,7 +260,7 @@ class HessianOptimizer(Optimizer):
 
     probe: str = "rademacher"
     # True where the curvature is built from the element-wise square of the product alone, (H z)^2:
-    # accumulate_hvp_pair then hands _update a product whose square is the paired estimate.
+    # accumulate_hvp_pair then hands _update a PairedSquares in place of the products.
     squares_products: bool = False
     # GradScaler then leaves .grad scaled and sets grad_scale and found_inf for step(): the product is
     # taken from the scaled graph inside step(), so only step() can unscale the two consistently.
@@ -421,23 +442,28 @@ class HessianOptimizer(Optimizer):
         ``covers`` :math:`= f = 2n / B`, the fraction of the batch they cover together, the estimate
 
         .. math::
-            e = \max(a b, 0) + f \left(\frac{a - b}{2}\right)^2
+            e = a b + f \left(\frac{a - b}{2}\right)^2
 
-        has, for independent rows, about the expectation of the whole batch's squared product:
+        has, for independent rows, the expectation of the whole batch's squared product:
         :math:`\mathbb{E}[ab] = (\bar H z)^2` and :math:`((a - b)/2)^2` estimates the variance of their
         mean, :math:`\sigma^2 / (2n)`, so :math:`f ((a - b)/2)^2` estimates the whole batch's
-        :math:`\sigma^2 / B`.  Where the two halves disagree in sign, :math:`ab < 0` says that the
-        element's curvature is below the noise, and the estimate is floored at the noise term instead of
-        going to zero: an element whose estimate were zero would take a step limited only by ``eps``.
-        The floor adds :math:`\mathbb{E}[\max(-ab, 0)]`, which is small wherever the curvature stands
-        out of the noise.  Where the halves agree in sign and ``covers=1``, it is
+        :math:`\sigma^2 / B`.  Where the halves agree in sign and ``covers=1``, :math:`e` is
         :math:`((a + b)/2)^2`, the whole batch's own product.
 
+        Where they disagree in sign, :math:`e` can be negative.  Clamping each step's :math:`e` would
+        add :math:`\mathbb{E}[\max(-ab, 0)]`, about a third of the variance of a half's product, to
+        every element whose curvature is below the noise, far more than the whole batch's noise term.
+        So the optimizer averages :math:`e` over steps as it would :math:`(H z)^2` and, separately, the
+        noise term :math:`f((a - b)/2)^2`, and uses the larger of the two averages.  The average of :math:`e`
+        keeps its expectation, and the floor keeps an element without curvature from a denominator of
+        zero, where its step would be limited only by ``eps``.  (A running maximum, ``ESGDMax``, has
+        nothing to average: it floors each step's :math:`e` at its noise term.)  The average of the
+        noise term is one more parameter-sized tensor of state, kept once a step has been paired.
+
         Only for optimizers whose curvature is built from :math:`(H z)^2` alone (``squares_products``:
-        ``ESGD``, ``ESGDMax``, ``PlainESGD``): the update receives :math:`\sqrt{e}` as its
-        product.  Call it once on an HVP step, with a plain ``backward()`` of the whole batch for the
-        gradient (elsewhere a no-op); under a ``GradScaler`` pass both losses scaled.  Products are not
-        averaged across data-parallel ranks (``hvp_reduce``).
+        ``ESGD``, ``ESGDMax``, ``PlainESGD``).  Call it once on an HVP step, with a plain ``backward()``
+        of the whole batch for the gradient (elsewhere a no-op); under a ``GradScaler`` pass both losses
+        scaled.  Products are not averaged across data-parallel ranks (``hvp_reduce``).
         """
         name = type(self).__name__
         if not self.squares_products:
@@ -492,9 +518,13 @@ class HessianOptimizer(Optimizer):
         return probes
 
     @torch.no_grad()
-    def accumulate_products(self, params: Sequence[torch.Tensor], products: Sequence[torch.Tensor]) -> None:
+    def accumulate_products(self, params: Sequence[torch.Tensor], products: Sequence[torch.Tensor], *,
+                            copy: bool = True) -> None:
         """Fold products ``H z`` that the caller computed with :meth:`hvp_probes`' probes into this step's
-        sum (on HVP steps; elsewhere a no-op), as :meth:`accumulate_hvp` folds its own."""
+        sum (on HVP steps; elsewhere a no-op), as :meth:`accumulate_hvp` folds its own.
+
+        ``copy=False`` hands the tensors over: the optimizer keeps them and adds to them in place, which
+        saves a copy of every product; the caller must not use them afterwards."""
         if not (self.is_hvp_step() and self.hvp_method == "autograd"):
             return
         name = type(self).__name__
@@ -512,8 +542,8 @@ class HessianOptimizer(Optimizer):
             if h.shape != p.shape:
                 raise ValueError(f"{name}: a product of shape {tuple(h.shape)} was given for a parameter of "
                                  f"shape {tuple(p.shape)}")
-        # copied: the sum is added to in place, and the caller's tensors are the caller's
-        self._fold(params, [h.detach().clone() for h in products])
+        # copied unless handed over: the sum is added to in place, and the caller's tensors are the caller's
+        self._fold(params, [h.detach().clone() if copy else h.detach() for h in products])
 
     def _fold(self, params: list[torch.Tensor], hvps: list[torch.Tensor]) -> None:
         """Add ``hvps``, tensors the optimizer may keep and add to in place, into this step's sums."""
@@ -660,12 +690,16 @@ class HessianOptimizer(Optimizer):
             else:
                 scale = grad_scale
             local = self._cast_and_unscale(local, dtypes, scale)
+            floors = None
             if not finite_difference and self._hvp_pair is not None:
                 other = self._cast_and_unscale([self._hvp_pair[1][p] for p in params], dtypes, scale)
-                local = paired_estimate(local, other, self._hvp_pair[2])
+                local, floors = paired_estimate(local, other, self._hvp_pair[2])
             # After the reduction, so that every rank takes the same decision.
+            # (a non-finite floor makes its estimate non-finite too, so the estimates tell for both)
             if _all_finite(local):
                 hvps = dict(zip(params, local))
+                if floors is not None:
+                    hvps = PairedSquares(hvps, dict(zip(params, floors)))
             else:
                 dropped = True
                 self.nonfinite_products += 1
@@ -806,15 +840,16 @@ class HessianOptimizer(Optimizer):
                             f"parameter has shape {tuple(p.shape)}; was the state saved for another model?")
 
 
-def paired_estimate(a: list[torch.Tensor], b: list[torch.Tensor], covers: float) -> list[torch.Tensor]:
-    """``sqrt(max(a b, 0) + covers ((a - b) / 2)^2)`` per element: a product whose square is the paired
-    estimate of :meth:`HessianOptimizer.accumulate_hvp_pair` (``a`` is overwritten)."""
+def paired_estimate(a: list[torch.Tensor], b: list[torch.Tensor],
+                    covers: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The two terms of :class:`PairedSquares` from the halves' products, element by element:
+    ``a b + covers ((a - b) / 2)^2`` and ``covers ((a - b) / 2)^2`` (``a`` is overwritten)."""
     diff = torch._foreach_sub(a, b)
+    floors = torch._foreach_mul(diff, diff)
+    torch._foreach_mul_(floors, covers / 4)
     torch._foreach_mul_(a, b)
-    torch._foreach_clamp_min_(a, 0.0)
-    torch._foreach_addcmul_(a, diff, diff, value=covers / 4)
-    torch._foreach_sqrt_(a)
-    return a
+    torch._foreach_add_(a, floors)
+    return list(a), list(floors)
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

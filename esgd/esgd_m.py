@@ -25,8 +25,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import (HessianOptimizer, as_dtype, by_dtypes, check_betas, check_range, decay_where_curved_,
-                    is_narrow, mark_zero_curvature_, pick, round_into_, state_dtype_for)
+from ._base import (HessianOptimizer, PairedSquares, as_dtype, by_dtypes, check_betas, check_range,
+                    decay_where_curved_, is_narrow, mark_zero_curvature_, pick, round_into_, state_dtype_for)
 
 __all__ = ["ESGD", "ESGDMax", "esgd_m"]
 
@@ -137,12 +137,17 @@ class ESGD(HessianOptimizer):
                 if state and state["denom"] is None:
                     state["denom"] = _denominator(state, state["denom_eps"], group["d_max"])
 
-    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None, grads: dict[Tensor, Tensor]) -> None:
+    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | PairedSquares | None,
+                grads: dict[Tensor, Tensor]) -> None:
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             v = beta1 if group["v"] is None else group["v"]
             params, group_grads, exp_avgs, exp_avg_d_sqs, denoms = [], [], [], [], []
             group_hvps, step_sizes, corrs, sqrt_bc2s = [], [], [], []
+            # Paired estimates, and exact products once a paired one is in d, are folded outside the
+            # kernel: d may then be negative, and the denominator is built from max(d, floor).
+            folded = hvp_step and (isinstance(hvps, PairedSquares)
+                                   or any("exp_avg_d_floor" in self.state.get(p, ()) for p in group["params"]))
             for p in group["params"]:
                 if p not in grads:
                     continue
@@ -160,7 +165,8 @@ class ESGD(HessianOptimizer):
                 state["lr_accum"] *= group["lr_warmup"]
                 if hvp_step:
                     state["beta2_accum"] *= beta2
-                    group_hvps.append(hvps[p])
+                    if not folded:
+                        group_hvps.append(hvps[p])
                 elif state["denom"] is None or state["denom_eps"] != group["eps"]:
                     # Released for a product that did not complete, or eps changed since the last
                     # product: rebuild the cached denominator.
@@ -178,21 +184,63 @@ class ESGD(HessianOptimizer):
                 sqrt_bc2s.append(1.0 if group["d_max"] else math.sqrt(1 - state["beta2_accum"]))
             if not params:
                 continue
-            new_denoms = esgd_m(params, group_grads, exp_avgs, exp_avg_d_sqs, denoms,
-                                group_hvps if hvp_step else None, step_sizes=step_sizes, corrs=corrs,
-                                sqrt_bias_corrections2=sqrt_bc2s, beta1=beta1, beta2=beta2, v=v,
-                                eps=group["eps"], weight_decay=group["weight_decay"],
-                                foreach=group["foreach"], d_max=group["d_max"])
+            if folded:
+                denoms = _fold_paired([self.state[p] for p in params], hvps, params, beta2=beta2,
+                                      sqrt_bias_corrections2=sqrt_bc2s, eps=group["eps"], d_max=group["d_max"])
+            kernel_hvps = group_hvps if hvp_step and not folded else None
+            new_denoms = esgd_m(params, group_grads, exp_avgs, exp_avg_d_sqs, denoms, kernel_hvps,
+                                step_sizes=step_sizes, corrs=corrs, sqrt_bias_corrections2=sqrt_bc2s,
+                                beta1=beta1, beta2=beta2, v=v, eps=group["eps"],
+                                weight_decay=group["weight_decay"], foreach=group["foreach"], d_max=group["d_max"])
             for p, d in zip(params, new_denoms):
                 self.state[p]["denom"] = d
 
 
+def _fold_paired(states: list[dict], hvps: dict[Tensor, Tensor] | PairedSquares, params: list[Tensor], *,
+                 beta2: float, sqrt_bias_corrections2: list[float], eps: float, d_max: bool) -> list[Tensor]:
+    """Fold one product step into ``d`` where the estimates are paired (see
+    :meth:`esgd.HessianOptimizer.accumulate_hvp_pair`) and return the new denominators.
+
+    ``d`` averages the signed estimates and ``exp_avg_d_floor`` their noise terms; the denominator is
+    built from the larger.  An exact product, once ``d`` holds paired estimates, adds its square to
+    ``d`` and nothing to the floor.  With ``d_max`` each estimate is floored as it comes instead.
+    """
+    ds = [state["exp_avg_d_sq"] for state in states]
+    if isinstance(hvps, PairedSquares):
+        squares = [as_dtype(hvps.squares[p], d.dtype) for p, d in zip(params, ds)]
+        noise = [as_dtype(hvps.floors[p], d.dtype) for p, d in zip(params, ds)]
+    else:
+        squares = [as_dtype(hvps[p], d.dtype) for p, d in zip(params, ds)]
+        squares = torch._foreach_mul(squares, squares)
+        noise = None
+    torch._foreach_mul_(ds, beta2)
+    if d_max:
+        torch._foreach_maximum_(ds, squares if noise is None else torch._foreach_maximum(squares, noise))
+        dens = torch._foreach_sqrt(ds)
+    else:
+        floors = [state.setdefault("exp_avg_d_floor", torch.zeros_like(d, memory_format=torch.preserve_format))
+                  for state, d in zip(states, ds)]
+        torch._foreach_add_(ds, squares, alpha=1 - beta2)
+        torch._foreach_mul_(floors, beta2)
+        if noise is not None:
+            torch._foreach_add_(floors, noise, alpha=1 - beta2)
+        dens = torch._foreach_sqrt(torch._foreach_maximum(ds, floors))
+    torch._foreach_div_(dens, sqrt_bias_corrections2)
+    torch._foreach_add_(dens, eps)
+    if eps == 0:
+        mark_zero_curvature_(dens)
+    return dens
+
+
 def _denominator(state: dict, eps: float, d_max: bool) -> Tensor:
-    """The cached denominator rebuilt from ``d``, with the single-tensor kernel's operations (so to the
-    bit what either kernel computed); ``inf`` before the first product."""
+    """The cached denominator rebuilt from ``d`` (and, after paired estimates, its floor), with the
+    single-tensor kernel's operations (so to the bit what either kernel computed); ``inf`` before the
+    first product."""
     d = state["exp_avg_d_sq"]
     if state["beta2_accum"] == 1.0:
         return torch.full_like(d, math.inf, memory_format=torch.preserve_format)
+    if "exp_avg_d_floor" in state:
+        d = torch.maximum(d, state["exp_avg_d_floor"])
     bc2 = 1.0 if d_max else math.sqrt(1 - state["beta2_accum"])
     denom = d.sqrt().div_(bc2).add_(eps)
     if eps == 0:

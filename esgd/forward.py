@@ -157,5 +157,6 @@ class ForwardOverReverse:
                     p.grad = g[n].detach()
                 else:
                     p.grad.add_(g[n])
-        opt.accumulate_products(held, [hz[names[p]] for p in held])
+        # the products are this pass's own outputs, so the optimizer may keep them without a copy
+        opt.accumulate_products(held, [hz[names[p]] for p in held], copy=False)
         return loss

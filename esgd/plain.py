@@ -14,8 +14,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ._base import (HessianOptimizer, as_dtype, by_dtypes, check_range, decay_where_curved_, is_narrow,
-                    mark_zero_curvature_, pick, round_into_, state_dtype_for)
+from ._base import (HessianOptimizer, PairedSquares, as_dtype, by_dtypes, check_range, decay_where_curved_,
+                    is_narrow, mark_zero_curvature_, pick, round_into_, state_dtype_for)
 
 __all__ = ["PlainESGD", "esgd_plain"]
 
@@ -80,9 +80,14 @@ class PlainESGD(HessianOptimizer):
             check_range("eps", group["eps"], 0.0, math.inf)
             check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
 
-    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | None, grads: dict[Tensor, Tensor]) -> None:
+    def _update(self, hvp_step: bool, hvps: dict[Tensor, Tensor] | PairedSquares | None,
+                grads: dict[Tensor, Tensor]) -> None:
         for group in self.param_groups:
             params, group_grads, d_sums, hs, counts = [], [], [], [], []
+            # After a paired estimate D may be negative: the denominator comes from max(D, floor), so the
+            # products are folded here and the kernel gets that maximum (see accumulate_hvp_pair).
+            folded = (isinstance(hvps, PairedSquares)
+                      or any("d_floor" in self.state.get(p, ()) for p in group["params"]))
             for p in group["params"]:
                 if p not in grads:
                     continue
@@ -93,14 +98,39 @@ class PlainESGD(HessianOptimizer):
                     state["hvp_count"] = 0
                 if hvp_step:
                     state["hvp_count"] += 1
-                    hs.append(hvps[p])
+                    if not folded:
+                        hs.append(hvps[p])
                 params.append(p)
                 group_grads.append(grads[p])
                 d_sums.append(state["d_sum"])
                 counts.append(state["hvp_count"])
-            if params:
-                esgd_plain(params, group_grads, d_sums, hs if hvp_step else None, counts=counts, lr=group["lr"],
-                           eps=group["eps"], weight_decay=group["weight_decay"], foreach=group["foreach"])
+            if not params:
+                continue
+            if folded:
+                states = [self.state[p] for p in params]
+                if hvp_step:
+                    _fold_paired(states, hvps, params)
+                # (a parameter whose first gradient came after the last product has no floor yet)
+                d_sums = [torch.maximum(s["d_sum"], s["d_floor"]) if "d_floor" in s else s["d_sum"]
+                          for s in states]
+                hs = None
+            esgd_plain(params, group_grads, d_sums, hs if hvp_step else None, counts=counts, lr=group["lr"],
+                       eps=group["eps"], weight_decay=group["weight_decay"], foreach=group["foreach"])
+
+
+def _fold_paired(states: list[dict], hvps: dict[Tensor, Tensor] | PairedSquares,
+                 params: list[Tensor]) -> None:
+    """Add one product step to ``D``, where estimates are paired: ``D`` sums the signed estimates and
+    ``d_floor`` their noise terms; an exact product adds its square to ``D`` alone."""
+    ds = [state["d_sum"] for state in states]
+    floors = [state.setdefault("d_floor", torch.zeros_like(d, memory_format=torch.preserve_format))
+              for state, d in zip(states, ds)]
+    if isinstance(hvps, PairedSquares):
+        torch._foreach_add_(ds, [as_dtype(hvps.squares[p], d.dtype) for p, d in zip(params, ds)])
+        torch._foreach_add_(floors, [as_dtype(hvps.floors[p], d.dtype) for p, d in zip(params, ds)])
+    else:
+        hs = [as_dtype(hvps[p], d.dtype) for p, d in zip(params, ds)]
+        torch._foreach_addcmul_(ds, hs, hs)
 
 
 def esgd_plain(params: list[Tensor], grads: list[Tensor], d_sums: list[Tensor], hvps: list[Tensor] | None,

@@ -277,8 +277,8 @@ def test_exact_routes_are_held_to_their_floor_and_cheap_ones_to_a_fixed_bound():
 
 
 def test_profile_splits_the_product_into_categories(tmp_path):
-    """perf --profile: per exact route, category rows summing to the total and the top operators; a
-    matmul model's product adds matrix products (the floor's FLOPs) and elementwise work."""
+    """perf --profile: per exact route, category rows summing to the total and the top operators, and an
+    HVP step that takes longer than a plain one."""
     out, _ = pf.run_perf(pf.PerfConfig(tasks=["mnist"], out=tmp_path / "p", rounds=1, warmup_cycles=0,
                                        batch_size=8, widths=(), options=TINY, threads=1, memory=False,
                                        profile=True))
@@ -291,7 +291,8 @@ def test_profile_splits_the_product_into_categories(tmp_path):
         assert (cats.loc["compiled", "hvp_ms"] > 0) == parse_optimizer(
             next(v.spec for v in pf.VARIANTS if v.label == label)).hvp_compiled
         assert cats.loc["total", "extra_ms"] == pytest.approx(cats.drop("total")["extra_ms"].sum())
-        assert cats.loc["matmul/conv", "extra_ms"] > 0 and cats.loc["total", "hvp_ms"] > cats.loc["total", "plain_ms"]
+        # (times, so only the step's total: a tiny model's matmul share is within a loaded machine's noise)
+        assert cats.loc["total", "hvp_ms"] > cats.loc["total", "plain_ms"]
         assert 1 <= (g["kind"] == "op").sum() <= 8
 
 

@@ -61,13 +61,14 @@ def hvp(params, x, y, t, probes, scale=1.0, part=slice(None)):
 
 
 def paired_squares(halves, covers):
-    """The paired estimate of (H z)^2 from the products of two sub-batches, element by element:
-    max(a b, 0) + covers ((a - b) / 2)^2."""
+    """The paired estimate of (H z)^2 from the products of two sub-batches, element by element: the
+    signed estimate a b + covers ((a - b) / 2)^2 and its floor, the noise term covers ((a - b) / 2)^2."""
 
     def squares(params, x, y, t, probes, scale):
         a = hvp(params, x, y, t, probes, scale, halves[0])
         b = hvp(params, x, y, t, probes, scale, halves[1])
-        return [torch.clamp(ai * bi, min=0.0) + covers * ((ai - bi) / 2) ** 2 for ai, bi in zip(a, b)]
+        noise = [covers * ((ai - bi) / 2) ** 2 for ai, bi in zip(a, b)]
+        return [ai * bi + ni for ai, bi, ni in zip(a, b, noise)], noise
     return squares
 
 
@@ -83,12 +84,15 @@ def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_
     weight_decay); ``probes`` is the list of per-step probe lists of the optimizer's HVP steps;
     ``lr_schedule(t, group_index)`` optionally overrides each group's lr at step t.  ``d_max`` is the
     esgd-m-max variant: d = max(beta2 * d, h^2) and no bias correction of d.  ``squares`` gives the
-    estimate of h^2 on HVP steps (default: the product of the step's whole minibatch, squared).
+    estimate of h^2 on HVP steps (default: the product of the step's whole minibatch, squared), or a
+    pair (signed estimate, floor): then d averages the estimates, a second average the floors, and the
+    denominator takes the larger (with ``d_max``, each estimate is floored at its own floor).
     """
     params = [p.clone() for p in init]
     n = len(params)
     m = [torch.zeros_like(p) for p in params]
     d = [torch.zeros_like(p) for p in params]
+    floor = [torch.zeros_like(p) for p in params]
     b1 = [1.0] * n
     b2 = [1.0] * n
     w = [1.0] * n
@@ -99,6 +103,7 @@ def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_
         hvp_step = steps_done < d_warmup or since_hvp >= update_d_every
         g = grads_of(params, x, y, t, scale)
         hh = squares(params, x, y, t, probes.pop(0), scale) if hvp_step else None
+        hh, nn = hh if isinstance(hh, tuple) else (hh, None)
         new = [None] * n
         for gi, (idx, hp) in enumerate(groups):
             beta1, beta2 = hp["betas"]
@@ -108,12 +113,13 @@ def esgd_m_reference(init, x, y, *, steps, probes, groups, update_d_every=10, d_
                 m[i] = beta1 * m[i] + (1 - beta1) * g[i]
                 b1[i] = b1[i] * beta1
                 if hvp_step and d_max:
-                    d[i] = torch.maximum(beta2 * d[i], hh[i])
+                    d[i] = torch.maximum(beta2 * d[i], hh[i] if nn is None else torch.maximum(hh[i], nn[i]))
                 elif hvp_step:
                     d[i] = beta2 * d[i] + (1 - beta2) * hh[i]
+                    floor[i] = beta2 * floor[i] + (0.0 if nn is None else (1 - beta2) * nn[i])
                     b2[i] = b2[i] * beta2
                 bias = 1.0 if d_max else math.sqrt(1 - b2[i])
-                denom = torch.sqrt(d[i]) / bias + hp["eps"]
+                denom = torch.sqrt(torch.maximum(d[i], floor[i])) / bias + hp["eps"]
                 w[i] = w[i] * hp["lr_warmup"]
                 step_size = lr * (1 - w[i])
                 m_hat = v * m[i] + (1 - v) * g[i]
@@ -132,6 +138,7 @@ def esgd_plain_reference(init, x, y, *, steps, probes, lr, eps, weight_decay=0.0
     """Plain ESGD (Dauphin et al. 2015): p <- p - lr * g / (sqrt(D / i) + eps)."""
     params = [p.clone() for p in init]
     dsum = [torch.zeros_like(p) for p in params]
+    floor = [torch.zeros_like(p) for p in params]
     count = 0
     steps_done, since_hvp = 0, 0
     probes = list(probes)
@@ -141,10 +148,12 @@ def esgd_plain_reference(init, x, y, *, steps, probes, lr, eps, weight_decay=0.0
         g = grads_of(params, x, y, t, scale)
         if hvp_step:
             hh = squares(params, x, y, t, probes.pop(0), scale)
+            hh, nn = hh if isinstance(hh, tuple) else (hh, [0.0] * len(hh))
             dsum = [ds + sq for ds, sq in zip(dsum, hh)]
+            floor = [fl + ni for fl, ni in zip(floor, nn)]
             count += 1
-        params = [p * (1 - lr * weight_decay) - lr * gi / (torch.sqrt(ds / count) + eps)
-                  for p, gi, ds in zip(params, g, dsum)]
+        params = [p * (1 - lr * weight_decay) - lr * gi / (torch.sqrt(torch.maximum(ds, fl) / count) + eps)
+                  for p, gi, ds, fl in zip(params, g, dsum, floor)]
         steps_done += 1
         since_hvp = 1 if hvp_step else since_hvp + 1   # reset, then grows by 1 like steps_done
         trajectory.append([p.clone() for p in params])

@@ -113,9 +113,22 @@ def test_the_probes_are_the_steps_own_and_products_add_up():
     opt = esgd.ESGD([p], lr=0.1, generator=torch.Generator().manual_seed(0))
     z = opt.hvp_probes([p])[0]
     assert torch.equal(opt.hvp_probes([p])[0], z) and set(z.tolist()) <= {-1.0, 1.0}
-    opt.accumulate_products([p], [torch.full((3,), 2.0, dtype=torch.float64)])
+    first = torch.full((3,), 2.0, dtype=torch.float64)
+    opt.accumulate_products([p], [first])
     opt.accumulate_products([p], [torch.full((3,), 1.0, dtype=torch.float64)])
     assert torch.equal(opt._hvp_sums[p], torch.full((3,), 3.0, dtype=torch.float64))
+    assert torch.equal(first, torch.full((3,), 2.0, dtype=torch.float64))     # the caller's, untouched
+
+
+def test_products_handed_over_are_kept_without_a_copy():
+    p = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = esgd.ESGD([p], lr=0.1, generator=torch.Generator().manual_seed(0))
+    opt.hvp_probes([p])
+    given = torch.full((3,), 2.0, dtype=torch.float64)
+    opt.accumulate_products([p], [given], copy=False)
+    assert opt._hvp_sums[p].data_ptr() == given.data_ptr()
+    opt.accumulate_products([p], [torch.full((3,), 1.0, dtype=torch.float64)], copy=False)
+    assert torch.equal(given, torch.full((3,), 3.0, dtype=torch.float64))
 
 
 def test_a_second_optimizers_parameters_get_their_gradients_and_the_product_is_unchanged():

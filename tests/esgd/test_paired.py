@@ -9,7 +9,8 @@ import torch
 from esgd import ESGD, AdaHessian, ESGDMax, PlainESGD, Sophia
 from esgd._base import paired_estimate
 
-from .reference import esgd_m_reference, esgd_plain_reference, loss_fn, make_data, paired_squares
+from .reference import (esgd_m_reference, esgd_plain_reference, exact_squares, loss_fn, make_data,
+                        paired_squares)
 from .test_reference import assert_same_trajectory
 
 STEPS = 30
@@ -17,7 +18,8 @@ HALVES = (slice(0, 1), slice(1, 2))      # two disjoint rows of each 4-row minib
 COVERS = 0.5
 
 
-def run_paired(make_opt, init, x, y, *, halves=HALVES, covers=COVERS, steps=STEPS, scale=1.0, loss_scale=None):
+def run_paired(make_opt, init, x, y, *, halves=HALVES, covers=COVERS, steps=STEPS, scale=1.0, loss_scale=None,
+               start=0):
     """Train with a plain backward of the whole minibatch and, on HVP steps, the pair of ``halves``;
     ``loss_scale`` drives the step the way GradScaler does (scaled losses, ``grad_scale`` handed over)."""
     params = [torch.nn.Parameter(p.clone()) for p in init]
@@ -27,7 +29,7 @@ def run_paired(make_opt, init, x, y, *, halves=HALVES, covers=COVERS, steps=STEP
     opt.draw_probe = lambda p: current.append(draw(p).clone()) or current[-1]
     s = 1.0 if loss_scale is None else loss_scale
     trajectory = []
-    for t in range(steps):
+    for t in range(start, start + steps):
         opt.zero_grad(set_to_none=True)
         (s * loss_fn(params, x, y, t, scale)).backward()
         if opt.is_hvp_step():
@@ -72,32 +74,97 @@ def test_plain_esgd_pair_matches_reference():
     assert_same_trajectory(got, want)
 
 
-def test_where_the_halves_disagree_in_sign_the_estimate_is_floored_at_the_noise_term():
-    """The reference comparisons above mean something only if both cases occurred."""
+def test_both_the_average_and_its_floor_set_denominators_in_the_reference_runs():
+    """The reference comparisons above mean something only if single estimates went negative and, at
+    the end, some elements' denominators come from the floor and others from the average."""
     x, y, init = make_data(0)
     params = [p.clone() for p in init]
     probes = [torch.ones_like(p) for p in params]
     from .reference import hvp
     a = torch.cat([h.reshape(-1) for h in hvp(params, x, y, 0, probes, part=HALVES[0])])
     b = torch.cat([h.reshape(-1) for h in hvp(params, x, y, 0, probes, part=HALVES[1])])
-    e = paired_estimate([a.clone()], [b.clone()], COVERS)[0] ** 2
-    noise = COVERS * ((a - b) / 2) ** 2
-    disagree = a * b < 0
-    assert disagree.any() and (~disagree).any()
-    torch.testing.assert_close(e[disagree], noise[disagree], rtol=1e-12, atol=0.0)
-    torch.testing.assert_close(e[~disagree], (a * b + noise)[~disagree], rtol=1e-12, atol=0.0)
-    assert (e[disagree] > 0).all()
+    squares, floors = paired_estimate([a.clone()], [b.clone()], COVERS)
+    torch.testing.assert_close(floors[0], COVERS * ((a - b) / 2) ** 2, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(squares[0], a * b + floors[0], rtol=1e-12, atol=0.0)
+    assert (squares[0] < 0).any() and (squares[0] > 0).any()
+    opt = None
+
+    def make(ps):
+        nonlocal opt
+        opt = ESGD(ps, lr=0.1, betas=(0.9, 0.99), lr_warmup=0.9, update_d_every=3, d_warmup=4,
+                   generator=torch.Generator().manual_seed(3))
+        return opt
+    run_paired(make, init, x, y)
+    d = torch.cat([s["exp_avg_d_sq"].reshape(-1) for s in opt.state.values()])
+    floor = torch.cat([s["exp_avg_d_floor"].reshape(-1) for s in opt.state.values()])
+    assert (d < floor).any() and (d > floor).any()
 
 
-def test_halves_covering_the_batch_give_the_whole_batch_square_where_they_agree_in_sign():
-    """covers=1: e = ((a + b) / 2)^2, the whole batch's own squared product, where a b >= 0; where they
-    disagree the floor ((a - b) / 2)^2 is above it."""
+def test_halves_covering_the_batch_give_the_whole_batch_square():
+    """covers=1: a b + ((a - b) / 2)^2 = ((a + b) / 2)^2, the whole batch's own squared product,
+    whatever the signs."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 1000, generator=gen, dtype=torch.float64)
-    e = paired_estimate([a.clone()], [b.clone()], 1.0)[0] ** 2
-    agree = a * b >= 0
-    torch.testing.assert_close(e[agree], ((a + b) / 2)[agree] ** 2, rtol=1e-12, atol=1e-15)
-    assert (e[~agree] > ((a + b) / 2)[~agree] ** 2).all() and agree.any() and (~agree).any()
+    squares, floors = paired_estimate([a.clone()], [b.clone()], 1.0)
+    torch.testing.assert_close(squares[0], ((a + b) / 2) ** 2, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(floors[0], ((a - b) / 2) ** 2, rtol=1e-12, atol=1e-15)
+    assert (a * b < 0).any()
+
+
+def test_exact_products_after_paired_ones_match_the_reference():
+    """A loop may pair some steps and take the exact product on others: exact squares go into the
+    average, nothing into the floor, which keeps decaying."""
+    x, y, init = make_data(2)
+    pair = paired_squares(HALVES, COVERS)
+    paired_steps = {0, 2, 3, 10}
+    mixed = lambda params, x, y, t, probes, scale: (  # noqa: E731
+        pair if t in paired_steps else exact_squares)(params, x, y, t, probes, scale)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = ESGD(params, lr=0.1, betas=(0.9, 0.99), lr_warmup=0.9, update_d_every=3, d_warmup=4,
+               generator=torch.Generator().manual_seed(3))
+    probes, current, got = [], [], []
+    draw = opt.draw_probe
+    opt.draw_probe = lambda p: current.append(draw(p).clone()) or current[-1]
+    for t in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        hvp_step = opt.is_hvp_step()
+        loss_fn(params, x, y, t).backward(create_graph=hvp_step and t not in paired_steps)
+        if hvp_step and t in paired_steps:
+            opt.accumulate_hvp_pair(loss_fn(params, x, y, t, 1.0, HALVES[0]),
+                                    loss_fn(params, x, y, t, 1.0, HALVES[1]), COVERS)
+        opt.step()
+        if current:
+            probes.append(list(current))
+            current.clear()
+        got.append([p.detach().clone() for p in params])
+    assert {0, 2, 3, 10} <= {t for t in range(STEPS) if t < 4 or t % 3 == 1}   # all product steps
+    want = esgd_m_reference(init, x, y, steps=STEPS, probes=probes, groups=[([0, 1, 2], HYPER)],
+                            update_d_every=3, d_warmup=4, squares=mixed)
+    assert_same_trajectory(got, want)
+
+
+@pytest.mark.parametrize("cls", [ESGD, PlainESGD])
+def test_a_paired_run_resumes_exactly(cls):
+    """The floor is state: saved and loaded with the rest, the resumed run is the uninterrupted one."""
+    x, y, init = make_data(0)
+    make = lambda ps: cls(ps, lr=0.05, update_d_every=3, d_warmup=4,  # noqa: E731
+                          generator=torch.Generator().manual_seed(3))
+    whole, _ = run_paired(make, init, x, y, steps=16)
+    holder = {}
+
+    def keep(ps):
+        holder["opt"] = make(ps)
+        return holder["opt"]
+    first, _ = run_paired(keep, init, x, y, steps=8)
+    saved = holder["opt"].state_dict()
+    resumed_init = first[-1]
+
+    def restore(ps):
+        opt = make(ps)
+        opt.load_state_dict(saved)
+        return opt
+    rest, _ = run_paired(restore, resumed_init, x, y, steps=8, start=8)
+    assert_same_trajectory(first + rest, whole, rtol=0.0, atol=0.0)
 
 
 def test_a_power_of_two_loss_scale_changes_nothing():
@@ -110,24 +177,31 @@ def test_a_power_of_two_loss_scale_changes_nothing():
     assert_same_trajectory(scaled, base, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("mu", [6.0, 0.3, 0.0])
 @pytest.mark.parametrize("rows,covers", [(4, 0.25), (16, 0.5), (32, 1.0)])
-def test_the_estimate_has_the_expectation_of_the_whole_batch_square(rows, covers):
+def test_the_estimate_has_the_expectation_of_the_whole_batch_square(rows, covers, mu):
     """Rows' products drawn i.i.d. (mean mu, sd sigma): the halves a, b are means of n rows each, the
-    whole batch has B = 2n / covers rows, and E[a b + covers ((a - b) / 2)^2] = mu^2 + sigma^2 / B.
-    The mean is far enough from zero that a b is almost never negative, so the floor does not bind."""
+    whole batch has B = 2n / covers rows, and E[a b + covers ((a - b) / 2)^2] = mu^2 + sigma^2 / B,
+    also where the curvature is below the noise and single estimates are often negative.  The floor's
+    expectation is the noise term alone, sigma^2 / B."""
     gen = torch.Generator().manual_seed(0)
     trials, n = 200_000, rows // 2
-    mu, sigma = 6.0, 2.0
+    sigma = 2.0
     a = mu + sigma * torch.randn(trials, n, generator=gen, dtype=torch.float64).mean(1)
     b = mu + sigma * torch.randn(trials, n, generator=gen, dtype=torch.float64).mean(1)
-    e = paired_estimate([a.clone()], [b.clone()], covers)[0] ** 2
-    assert (a * b < 0).float().mean() < 1e-3
+    squares, floors = paired_estimate([a.clone()], [b.clone()], covers)
+    e, f = squares[0], floors[0]
     whole = 2 * n / covers
     want = mu ** 2 + sigma ** 2 / whole
     stderr = e.std().item() / trials ** 0.5
     assert abs(e.mean().item() - want) < 4 * stderr
-    # and the square of one half's product is visibly inflated, so the check can fail
+    assert abs(f.mean().item() - sigma ** 2 / whole) < 4 * f.std().item() / trials ** 0.5
+    # and the square of one half's product, or a clamped estimate, is visibly inflated, so the check
+    # can fail
     assert (a * a).mean().item() - want > 8 * stderr
+    if mu < 1 and covers < 1:       # with covers=1 the estimate is ((a + b) / 2)^2, never negative
+        assert (e < 0).float().mean() > 0.05
+        assert torch.maximum(e, f).mean().item() - want > 8 * stderr
 
 
 @pytest.mark.parametrize("cls", [AdaHessian, Sophia])
@@ -186,5 +260,26 @@ def test_the_documented_loop_runs():
     scope = {"model": model, "loader": loader, "opt": opt, "loss_fn": torch.nn.functional.cross_entropy}
     exec(compile("\n".join(line[2:] if line.startswith("  ") else line for line in code.splitlines()),
                  "optimizer.md", "exec"), scope)
-    d = [opt.state[p]["exp_avg_d_sq"] for p in model.parameters()]
+    d = [torch.maximum(opt.state[p]["exp_avg_d_sq"], opt.state[p]["exp_avg_d_floor"]) for p in model.parameters()]
     assert all(x.gt(0).any() for x in d) and opt.steps_done == 6
+
+
+@pytest.mark.parametrize("cls", [ESGD, PlainESGD])
+def test_a_parameter_first_used_between_paired_steps_waits_for_its_product(cls):
+    """Its state starts without a floor; it stays put until a product reaches it, then moves."""
+    used = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    late = torch.nn.Parameter(torch.tensor([3.0], dtype=torch.float64))
+    opt = cls([used, late], lr=0.1, update_d_every=3, d_warmup=1)     # products at steps 0, 3, 6
+
+    def loss(t, w):
+        return w * (used ** 4).sum() + (w * (late ** 4).sum() if t >= 2 else 0.0)
+    for t in range(7):
+        opt.zero_grad(set_to_none=True)
+        loss(t, 1.0).backward()
+        if opt.is_hvp_step():
+            opt.accumulate_hvp_pair(loss(t, 0.9), loss(t, 1.1), 0.5)
+        opt.step()
+        assert torch.isfinite(used).all() and torch.isfinite(late).all()
+        if t < 3:
+            assert late.item() == 3.0
+    assert late.item() < 3.0

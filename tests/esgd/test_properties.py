@@ -259,6 +259,17 @@ def test_rademacher_signs_from_one_byte_are_unbiased_and_uncorrelated():
         assert abs((z[lag:] * z[:-lag]).mean().item()) < 5 / math.sqrt(n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rademacher_sign_k_of_a_byte_is_its_bit_k(dtype):
+    """The probe stream is fixed by the generator: element 8 i + k is +1 exactly where bit k of the i-th
+    random byte is set, so a run is reproduced by its seed whatever the unpacking does."""
+    n = 8 * 1000 + 5
+    words = torch.empty((n + 7) // 8, dtype=torch.uint8).random_(generator=torch.Generator().manual_seed(4))
+    want = [1.0 if (int(words[i // 8]) >> (i % 8)) & 1 else -1.0 for i in range(n)]
+    z = rademacher(torch.Size([n]), torch.Generator().manual_seed(4), torch.device("cpu"), dtype)
+    assert z.dtype == dtype and z.tolist() == want
+
+
 def test_gaussian_probes_are_standard_normal():
     opt = PlainESGD([torch.nn.Parameter(torch.zeros(3))], generator=torch.Generator().manual_seed(1))
     z = opt.draw_probe(torch.zeros(200_000, dtype=torch.float64))
