@@ -235,7 +235,7 @@ class PairedSquares:
     squared product and is negative where the halves disagree in sign by more than their noise;
     ``floors`` holds its noise term :math:`f((a - b)/2)^2`, never negative.  An optimizer averages both
     over steps and uses the larger average, so the sign noise of single steps cancels before anything
-    is floored.
+    is floored; a running maximum (``ESGDMax``) floors each step's estimate instead.
     """
 
     squares: dict
@@ -410,6 +410,10 @@ class HessianOptimizer(Optimizer):
         if self._hvp_pair is not None:
             if loss is None and not any(p.grad.requires_grad for p in self._params_with_grad()):
                 return          # step()'s own call after a pair: the pair is this step's estimate
+            if loss is None:
+                # A graph on .grad besides the pair: the step cannot go on, so it is dropped with the
+                # graph and the pair, and the next one starts clean.
+                self._abandon_step()
             raise RuntimeError(f"{type(self).__name__}: this step already has a paired estimate "
                                "(accumulate_hvp_pair), so it takes no other product: its backward must be a "
                                "plain backward(), without create_graph=True")
@@ -447,8 +451,8 @@ class HessianOptimizer(Optimizer):
         has, for independent rows, the expectation of the whole batch's squared product:
         :math:`\mathbb{E}[ab] = (\bar H z)^2` and :math:`((a - b)/2)^2` estimates the variance of their
         mean, :math:`\sigma^2 / (2n)`, so :math:`f ((a - b)/2)^2` estimates the whole batch's
-        :math:`\sigma^2 / B`.  Where the halves agree in sign and ``covers=1``, :math:`e` is
-        :math:`((a + b)/2)^2`, the whole batch's own product.
+        :math:`\sigma^2 / B`.  With ``covers=1``, :math:`e` is :math:`((a + b)/2)^2`, the whole batch's
+        own squared product.
 
         Where they disagree in sign, :math:`e` can be negative.  Clamping each step's :math:`e` would
         add :math:`\mathbb{E}[\max(-ab, 0)]`, about a third of the variance of a half's product, to
@@ -457,8 +461,8 @@ class HessianOptimizer(Optimizer):
         noise term :math:`f((a - b)/2)^2`, and uses the larger of the two averages.  The average of :math:`e`
         keeps its expectation, and the floor keeps an element without curvature from a denominator of
         zero, where its step would be limited only by ``eps``.  (A running maximum, ``ESGDMax``, has
-        nothing to average: it floors each step's :math:`e` at its noise term.)  The average of the
-        noise term is one more parameter-sized tensor of state, kept once a step has been paired.
+        nothing to average: it floors each step's :math:`e` at its noise term.)  Elsewhere the average
+        of the noise term is one more parameter-sized tensor of state, kept once a step has been paired.
 
         Only for optimizers whose curvature is built from :math:`(H z)^2` alone (``squares_products``:
         ``ESGD``, ``ESGDMax``, ``PlainESGD``).  Call it once on an HVP step, with a plain ``backward()``

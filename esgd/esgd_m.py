@@ -186,7 +186,8 @@ class ESGD(HessianOptimizer):
                 continue
             if folded:
                 denoms = _fold_paired([self.state[p] for p in params], hvps, params, beta2=beta2,
-                                      sqrt_bias_corrections2=sqrt_bc2s, eps=group["eps"], d_max=group["d_max"])
+                                      sqrt_bias_corrections2=sqrt_bc2s, eps=group["eps"], d_max=group["d_max"],
+                                      foreach=group["foreach"])
             kernel_hvps = group_hvps if hvp_step and not folded else None
             new_denoms = esgd_m(params, group_grads, exp_avgs, exp_avg_d_sqs, denoms, kernel_hvps,
                                 step_sizes=step_sizes, corrs=corrs, sqrt_bias_corrections2=sqrt_bc2s,
@@ -197,13 +198,15 @@ class ESGD(HessianOptimizer):
 
 
 def _fold_paired(states: list[dict], hvps: dict[Tensor, Tensor] | PairedSquares, params: list[Tensor], *,
-                 beta2: float, sqrt_bias_corrections2: list[float], eps: float, d_max: bool) -> list[Tensor]:
+                 beta2: float, sqrt_bias_corrections2: list[float], eps: float, d_max: bool,
+                 foreach: bool | None) -> list[Tensor]:
     """Fold one product step into ``d`` where the estimates are paired (see
     :meth:`esgd.HessianOptimizer.accumulate_hvp_pair`) and return the new denominators.
 
     ``d`` averages the signed estimates and ``exp_avg_d_floor`` their noise terms; the denominator is
     built from the larger.  An exact product, once ``d`` holds paired estimates, adds its square to
     ``d`` and nothing to the floor.  With ``d_max`` each estimate is floored as it comes instead.
+    State in bfloat16 or float16 takes the single-tensor operations, as in the kernels.
     """
     ds = [state["exp_avg_d_sq"] for state in states]
     if isinstance(hvps, PairedSquares):
@@ -211,22 +214,38 @@ def _fold_paired(states: list[dict], hvps: dict[Tensor, Tensor] | PairedSquares,
         noise = [as_dtype(hvps.floors[p], d.dtype) for p, d in zip(params, ds)]
     else:
         squares = [as_dtype(hvps[p], d.dtype) for p, d in zip(params, ds)]
-        squares = torch._foreach_mul(squares, squares)
+        squares = [h * h for h in squares]
         noise = None
-    torch._foreach_mul_(ds, beta2)
-    if d_max:
-        torch._foreach_maximum_(ds, squares if noise is None else torch._foreach_maximum(squares, noise))
-        dens = torch._foreach_sqrt(ds)
+    floors = None if d_max else [
+        state.setdefault("exp_avg_d_floor", torch.zeros_like(d, memory_format=torch.preserve_format))
+        for state, d in zip(states, ds)]
+    if foreach is False or any(is_narrow(d.dtype) for d in ds):
+        dens = []
+        for i, d in enumerate(ds):
+            d.mul_(beta2)
+            if d_max:
+                torch.maximum(d, squares[i] if noise is None else torch.maximum(squares[i], noise[i]), out=d)
+                src = d
+            else:
+                d.add_(squares[i], alpha=1 - beta2)
+                floors[i].mul_(beta2)
+                if noise is not None:
+                    floors[i].add_(noise[i], alpha=1 - beta2)
+                src = torch.maximum(d, floors[i])
+            dens.append(src.sqrt().div_(sqrt_bias_corrections2[i]).add_(eps))
     else:
-        floors = [state.setdefault("exp_avg_d_floor", torch.zeros_like(d, memory_format=torch.preserve_format))
-                  for state, d in zip(states, ds)]
-        torch._foreach_add_(ds, squares, alpha=1 - beta2)
-        torch._foreach_mul_(floors, beta2)
-        if noise is not None:
-            torch._foreach_add_(floors, noise, alpha=1 - beta2)
-        dens = torch._foreach_sqrt(torch._foreach_maximum(ds, floors))
-    torch._foreach_div_(dens, sqrt_bias_corrections2)
-    torch._foreach_add_(dens, eps)
+        torch._foreach_mul_(ds, beta2)
+        if d_max:
+            torch._foreach_maximum_(ds, squares if noise is None else torch._foreach_maximum(squares, noise))
+            dens = torch._foreach_sqrt(ds)
+        else:
+            torch._foreach_add_(ds, squares, alpha=1 - beta2)
+            torch._foreach_mul_(floors, beta2)
+            if noise is not None:
+                torch._foreach_add_(floors, noise, alpha=1 - beta2)
+            dens = torch._foreach_sqrt(torch._foreach_maximum(ds, floors))
+        torch._foreach_div_(dens, sqrt_bias_corrections2)
+        torch._foreach_add_(dens, eps)
     if eps == 0:
         mark_zero_curvature_(dens)
     return dens

@@ -113,6 +113,11 @@ class ForwardOverReverse:
             self._pass = _gradient_and_product
         else:
             self._pass = torch.compile(_gradient_and_product, **(compile if isinstance(compile, dict) else {}))
+        # Under CUDA graphs the pass writes its outputs into the same memory on every replay, so the
+        # gradients and products kept from one call must be copies; otherwise they are the pass's own.
+        options = compile if isinstance(compile, dict) else {}
+        self._outputs_reused = (options.get("mode") in ("reduce-overhead", "max-autotune")
+                                or bool(options.get("options", {}).get("triton.cudagraphs")))
 
     def backward(self, opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Evaluate ``loss_fn(*args, **kwargs)``, add its gradient to ``.grad`` and, if ``opt``'s next
@@ -154,9 +159,8 @@ class ForwardOverReverse:
                 b.copy_(moved[name])
             for n, p in trainable:
                 if p.grad is None:
-                    p.grad = g[n].detach()
+                    p.grad = g[n].detach().clone() if self._outputs_reused else g[n].detach()
                 else:
                     p.grad.add_(g[n])
-        # the products are this pass's own outputs, so the optimizer may keep them without a copy
-        opt.accumulate_products(held, [hz[names[p]] for p in held], copy=False)
+        opt.accumulate_products(held, [hz[names[p]] for p in held], copy=self._outputs_reused)
         return loss

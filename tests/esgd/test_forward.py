@@ -251,3 +251,13 @@ def test_under_autocast_a_model_torch_func_cannot_take_gets_one_clear_error():
         assert not opt._probes and not opt._hvp_sums
     else:       # a torch that handles it: then the product must be there
         assert opt._hvp_sums
+
+
+@pytest.mark.parametrize("compile,reused", [(True, False), (False, False), ({"mode": "reduce-overhead"}, True),
+                                            ({"mode": "max-autotune"}, True),
+                                            ({"mode": "max-autotune-no-cudagraphs"}, False),
+                                            ({"options": {"triton.cudagraphs": True}}, True)])
+def test_gradients_and_products_are_copied_only_where_cuda_graphs_reuse_the_outputs(compile, reused):
+    model = nn.Linear(2, 1)
+    fr = esgd.ForwardOverReverse(model, lambda x: model(x).sum(), compile=compile)
+    assert fr._outputs_reused is reused

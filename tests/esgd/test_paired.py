@@ -283,3 +283,106 @@ def test_a_parameter_first_used_between_paired_steps_waits_for_its_product(cls):
         if t < 3:
             assert late.item() == 3.0
     assert late.item() < 3.0
+
+
+@pytest.mark.parametrize("cls", [ESGD, ESGDMax])
+def test_a_dropped_product_after_paired_ones_keeps_the_denominator_to_the_bit(cls):
+    """A product step whose pair is not finite is dropped: the denominator released for it is rebuilt
+    from the averages and their floor, equal to the one it replaced, and the parameters stay finite."""
+    x, y, init = make_data(0)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = cls(params, lr=0.1, betas=(0.9, 0.99), update_d_every=3, d_warmup=4,
+              generator=torch.Generator().manual_seed(3))
+    for t in range(8):                                   # products at 0-3 and 6
+        opt.zero_grad(set_to_none=True)
+        loss_fn(params, x, y, t).backward()
+        if opt.is_hvp_step():
+            opt.accumulate_hvp_pair(loss_fn(params, x, y, t, 1.0, HALVES[0]),
+                                    loss_fn(params, x, y, t, 1.0, HALVES[1]), COVERS)
+        opt.step()
+    if cls is ESGD:
+        d = torch.cat([s["exp_avg_d_sq"].reshape(-1) for s in opt.state.values()])
+        assert (d < 0).any()                  # so a denominator rebuilt from d alone would not be finite
+    before = [opt.state[p]["denom"].clone() for p in params]
+    assert not opt.is_hvp_step()
+    opt.zero_grad(set_to_none=True)
+    loss_fn(params, x, y, 8).backward()
+    opt.step()
+    assert opt.is_hvp_step()
+    opt.zero_grad(set_to_none=True)
+    loss_fn(params, x, y, 9).backward()
+    opt.accumulate_hvp_pair(loss_fn(params, x, y, 9, 1.0, HALVES[0]) * float("inf"),
+                            loss_fn(params, x, y, 9, 1.0, HALVES[1]), COVERS)
+    opt.step()
+    assert opt.nonfinite_products == 1
+    for p, want in zip(params, before):
+        assert torch.equal(opt.state[p]["denom"], want) and torch.isfinite(p).all()
+
+
+def test_plain_esgd_exact_products_after_paired_ones_match_the_reference():
+    x, y, init = make_data(1)
+    pair = paired_squares(HALVES, COVERS)
+    paired_steps = {0, 1, 7}
+    mixed = lambda params, x, y, t, probes, scale: (  # noqa: E731
+        pair if t in paired_steps else exact_squares)(params, x, y, t, probes, scale)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = PlainESGD(params, lr=0.05, eps=1e-4, update_d_every=4, d_warmup=3,
+                    generator=torch.Generator().manual_seed(5))
+    probes, current, got = [], [], []
+    draw = opt.draw_probe
+    opt.draw_probe = lambda p: current.append(draw(p).clone()) or current[-1]
+    for t in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        hvp_step = opt.is_hvp_step()
+        loss_fn(params, x, y, t).backward(create_graph=hvp_step and t not in paired_steps)
+        if hvp_step and t in paired_steps:
+            opt.accumulate_hvp_pair(loss_fn(params, x, y, t, 1.0, HALVES[0]),
+                                    loss_fn(params, x, y, t, 1.0, HALVES[1]), COVERS)
+        opt.step()
+        if current:
+            probes.append(list(current))
+            current.clear()
+        got.append([p.detach().clone() for p in params])
+    assert paired_steps <= {t for t in range(STEPS) if t < 3 or t % 4 == 3}   # all product steps
+    want = esgd_plain_reference(init, x, y, steps=STEPS, probes=probes, lr=0.05, eps=1e-4, update_d_every=4,
+                                d_warmup=3, squares=mixed)
+    assert_same_trajectory(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_state_folds_with_single_tensor_operations(dtype):
+    """State kept in bfloat16 or float16 (``state_dtype=None``) takes the single-tensor operations, as
+    the kernels do, whichever kernel is asked for: a multi-tensor operation would round its scalars
+    (beta2, 1 - beta2) to the state's dtype."""
+    x, y, init = make_data(0)
+    runs = []
+    for foreach in (True, False):
+        params = [torch.nn.Parameter(p.clone().to(dtype)) for p in init]
+        opt = ESGD(params, lr=0.1, betas=(0.9, 0.99), update_d_every=3, d_warmup=4, foreach=foreach,
+                   state_dtype=None, generator=torch.Generator().manual_seed(3))
+        for t in range(12):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(params, x.to(dtype), y.to(dtype), t).backward()
+            if opt.is_hvp_step():
+                opt.accumulate_hvp_pair(loss_fn(params, x.to(dtype), y.to(dtype), t, 1.0, HALVES[0]),
+                                        loss_fn(params, x.to(dtype), y.to(dtype), t, 1.0, HALVES[1]), COVERS)
+            opt.step()
+        runs.append([(opt.state[p]["exp_avg_d_sq"], opt.state[p]["exp_avg_d_floor"]) for p in params])
+        assert all(d.dtype == dtype for d, _ in runs[-1])
+    for (d1, f1), (d2, f2) in zip(*runs):
+        assert torch.equal(d1, d2) and torch.equal(f1, f2)
+
+
+def test_a_graph_beside_the_pair_drops_the_step_and_the_next_one_runs():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ESGD([p], update_d_every=5, d_warmup=2)
+    (p ** 3).sum().backward(create_graph=True)
+    opt.accumulate_hvp_pair((p ** 3).sum(), (p ** 4).sum(), 0.5)
+    with pytest.raises(RuntimeError, match="already has a paired estimate"):
+        opt.step()
+    assert opt._hvp_pair is None and opt.steps_done == 0 and not p.grad.requires_grad
+    p.grad = None
+    (p ** 3).sum().backward()
+    opt.accumulate_hvp_pair((p ** 3).sum(), (p ** 4).sum(), 0.5)
+    opt.step()
+    assert opt.steps_done == 1 and torch.isfinite(p).all()
