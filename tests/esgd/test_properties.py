@@ -348,7 +348,10 @@ def test_eps_zero_leaves_coordinates_without_curvature_where_they_are(cls, forea
     """With eps=0, a coordinate whose estimate is exactly zero has nothing to divide by: it must stay put
     (neither -inf from g / 0 nor NaN from 0 / 0) while the curved coordinate trains."""
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64))
-    opt = cls([p], lr=0.1, eps=0.0, weight_decay=weight_decay, update_d_every=2, d_warmup=2, foreach=foreach)
+    # A probe stream of its own, so the outcome does not depend on the tests run before: with plain ESGD's
+    # Gaussian probes a draw near zero lets p[0] overshoot past zero on about 3% of streams.
+    opt = cls([p], lr=0.1, eps=0.0, weight_decay=weight_decay, update_d_every=2, d_warmup=2, foreach=foreach,
+              generator=torch.Generator().manual_seed(0))
     for _ in range(6):
         opt.zero_grad(set_to_none=True)
         # p[1] has a gradient and p[2] none; neither has curvature
