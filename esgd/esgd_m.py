@@ -220,32 +220,29 @@ def _fold_paired(states: list[dict], hvps: dict[Tensor, Tensor] | PairedSquares,
         state.setdefault("exp_avg_d_floor", torch.zeros_like(d, memory_format=torch.preserve_format))
         for state, d in zip(states, ds)]
     if foreach is False or any(is_narrow(d.dtype) for d in ds):
-        dens = []
         for i, d in enumerate(ds):
             d.mul_(beta2)
             if d_max:
                 torch.maximum(d, squares[i] if noise is None else torch.maximum(squares[i], noise[i]), out=d)
-                src = d
             else:
                 d.add_(squares[i], alpha=1 - beta2)
                 floors[i].mul_(beta2)
                 if noise is not None:
                     floors[i].add_(noise[i], alpha=1 - beta2)
-                src = torch.maximum(d, floors[i])
-            dens.append(src.sqrt().div_(sqrt_bias_corrections2[i]).add_(eps))
+        # the state's bias correction was advanced for this step, as sqrt_bias_corrections2 was
+        return [_denominator(state, eps, d_max) for state in states]
+    torch._foreach_mul_(ds, beta2)
+    if d_max:
+        torch._foreach_maximum_(ds, squares if noise is None else torch._foreach_maximum(squares, noise))
+        dens = torch._foreach_sqrt(ds)
     else:
-        torch._foreach_mul_(ds, beta2)
-        if d_max:
-            torch._foreach_maximum_(ds, squares if noise is None else torch._foreach_maximum(squares, noise))
-            dens = torch._foreach_sqrt(ds)
-        else:
-            torch._foreach_add_(ds, squares, alpha=1 - beta2)
-            torch._foreach_mul_(floors, beta2)
-            if noise is not None:
-                torch._foreach_add_(floors, noise, alpha=1 - beta2)
-            dens = torch._foreach_sqrt(torch._foreach_maximum(ds, floors))
-        torch._foreach_div_(dens, sqrt_bias_corrections2)
-        torch._foreach_add_(dens, eps)
+        torch._foreach_add_(ds, squares, alpha=1 - beta2)
+        torch._foreach_mul_(floors, beta2)
+        if noise is not None:
+            torch._foreach_add_(floors, noise, alpha=1 - beta2)
+        dens = torch._foreach_sqrt(torch._foreach_maximum(ds, floors))
+    torch._foreach_div_(dens, sqrt_bias_corrections2)
+    torch._foreach_add_(dens, eps)
     if eps == 0:
         mark_zero_curvature_(dens)
     return dens
