@@ -19,9 +19,10 @@ COVERS = 0.5
 
 
 def run_paired(make_opt, init, x, y, *, halves=HALVES, covers=COVERS, steps=STEPS, scale=1.0, loss_scale=None,
-               start=0):
-    """Train with a plain backward of the whole minibatch and, on HVP steps, the pair of ``halves``;
-    ``loss_scale`` drives the step the way GradScaler does (scaled losses, ``grad_scale`` handed over)."""
+               start=0, exact_steps=()):
+    """Train with a plain backward of the whole minibatch and, on HVP steps, the pair of ``halves``
+    (on those in ``exact_steps``, the whole minibatch's exact product instead); ``loss_scale`` drives the
+    step the way GradScaler does (scaled losses, ``grad_scale`` handed over)."""
     params = [torch.nn.Parameter(p.clone()) for p in init]
     opt = make_opt(params)
     probes, current = [], []
@@ -31,8 +32,9 @@ def run_paired(make_opt, init, x, y, *, halves=HALVES, covers=COVERS, steps=STEP
     trajectory = []
     for t in range(start, start + steps):
         opt.zero_grad(set_to_none=True)
-        (s * loss_fn(params, x, y, t, scale)).backward()
-        if opt.is_hvp_step():
+        exact = t in exact_steps
+        (s * loss_fn(params, x, y, t, scale)).backward(create_graph=exact and opt.should_create_graph())
+        if opt.is_hvp_step() and not exact:
             opt.accumulate_hvp_pair(s * loss_fn(params, x, y, t, scale, halves[0]),
                                     s * loss_fn(params, x, y, t, scale, halves[1]), covers)
         if loss_scale is not None:
@@ -46,6 +48,13 @@ def run_paired(make_opt, init, x, y, *, halves=HALVES, covers=COVERS, steps=STEP
             current.clear()
         trajectory.append([p.detach().clone() for p in params])
     return trajectory, probes
+
+
+def mixed_squares(paired_steps):
+    """The reference's estimate: the pair's on ``paired_steps``, the exact square on other product steps."""
+    pair = paired_squares(HALVES, COVERS)
+    return lambda params, x, y, t, probes, scale: (
+        pair if t in paired_steps else exact_squares)(params, x, y, t, probes, scale)
 
 
 HYPER = {"lr": 0.1, "betas": (0.9, 0.99), "v": None, "lr_warmup": 0.9, "eps": 1e-4, "weight_decay": 0.0}
@@ -115,31 +124,14 @@ def test_exact_products_after_paired_ones_match_the_reference():
     """A loop may pair some steps and take the exact product on others: exact squares go into the
     average, nothing into the floor, which keeps decaying."""
     x, y, init = make_data(2)
-    pair = paired_squares(HALVES, COVERS)
-    paired_steps = {0, 2, 3, 10}
-    mixed = lambda params, x, y, t, probes, scale: (  # noqa: E731
-        pair if t in paired_steps else exact_squares)(params, x, y, t, probes, scale)
-    params = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = ESGD(params, lr=0.1, betas=(0.9, 0.99), lr_warmup=0.9, update_d_every=3, d_warmup=4,
-               generator=torch.Generator().manual_seed(3))
-    probes, current, got = [], [], []
-    draw = opt.draw_probe
-    opt.draw_probe = lambda p: current.append(draw(p).clone()) or current[-1]
-    for t in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        hvp_step = opt.is_hvp_step()
-        loss_fn(params, x, y, t).backward(create_graph=hvp_step and t not in paired_steps)
-        if hvp_step and t in paired_steps:
-            opt.accumulate_hvp_pair(loss_fn(params, x, y, t, 1.0, HALVES[0]),
-                                    loss_fn(params, x, y, t, 1.0, HALVES[1]), COVERS)
-        opt.step()
-        if current:
-            probes.append(list(current))
-            current.clear()
-        got.append([p.detach().clone() for p in params])
-    assert {0, 2, 3, 10} <= {t for t in range(STEPS) if t < 4 or t % 3 == 1}   # all product steps
+    paired_steps = {0, 2, 3, 9}
+    product_steps = {t for t in range(STEPS) if t < 4 or (t - 3) % 3 == 0}     # d_warmup=4, every 3
+    assert paired_steps <= product_steps
+    make = lambda ps: ESGD(ps, lr=0.1, betas=(0.9, 0.99), lr_warmup=0.9, update_d_every=3, d_warmup=4,  # noqa: E731
+                           generator=torch.Generator().manual_seed(3))
+    got, probes = run_paired(make, init, x, y, exact_steps=product_steps - paired_steps)
     want = esgd_m_reference(init, x, y, steps=STEPS, probes=probes, groups=[([0, 1, 2], HYPER)],
-                            update_d_every=3, d_warmup=4, squares=mixed)
+                            update_d_every=3, d_warmup=4, squares=mixed_squares(paired_steps))
     assert_same_trajectory(got, want)
 
 
@@ -321,31 +313,14 @@ def test_a_dropped_product_after_paired_ones_keeps_the_denominator_to_the_bit(cl
 
 def test_plain_esgd_exact_products_after_paired_ones_match_the_reference():
     x, y, init = make_data(1)
-    pair = paired_squares(HALVES, COVERS)
-    paired_steps = {0, 1, 7}
-    mixed = lambda params, x, y, t, probes, scale: (  # noqa: E731
-        pair if t in paired_steps else exact_squares)(params, x, y, t, probes, scale)
-    params = [torch.nn.Parameter(p.clone()) for p in init]
-    opt = PlainESGD(params, lr=0.05, eps=1e-4, update_d_every=4, d_warmup=3,
-                    generator=torch.Generator().manual_seed(5))
-    probes, current, got = [], [], []
-    draw = opt.draw_probe
-    opt.draw_probe = lambda p: current.append(draw(p).clone()) or current[-1]
-    for t in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        hvp_step = opt.is_hvp_step()
-        loss_fn(params, x, y, t).backward(create_graph=hvp_step and t not in paired_steps)
-        if hvp_step and t in paired_steps:
-            opt.accumulate_hvp_pair(loss_fn(params, x, y, t, 1.0, HALVES[0]),
-                                    loss_fn(params, x, y, t, 1.0, HALVES[1]), COVERS)
-        opt.step()
-        if current:
-            probes.append(list(current))
-            current.clear()
-        got.append([p.detach().clone() for p in params])
-    assert paired_steps <= {t for t in range(STEPS) if t < 3 or t % 4 == 3}   # all product steps
+    paired_steps = {0, 1, 10}
+    product_steps = {t for t in range(STEPS) if t < 3 or (t - 2) % 4 == 0}     # d_warmup=3, every 4
+    assert paired_steps <= product_steps
+    make = lambda ps: PlainESGD(ps, lr=0.05, eps=1e-4, update_d_every=4, d_warmup=3,  # noqa: E731
+                                generator=torch.Generator().manual_seed(5))
+    got, probes = run_paired(make, init, x, y, exact_steps=product_steps - paired_steps)
     want = esgd_plain_reference(init, x, y, steps=STEPS, probes=probes, lr=0.05, eps=1e-4, update_d_every=4,
-                                d_warmup=3, squares=mixed)
+                                d_warmup=3, squares=mixed_squares(paired_steps))
     assert_same_trajectory(got, want)
 
 
