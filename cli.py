@@ -557,6 +557,36 @@ def scale(task: Annotated[str, typer.Argument(help="Base task, e.g. rosenbrock, 
 
 
 @app.command()
+def bias(task: Annotated[str, typer.Argument(help="Task name, e.g. mnist, mnist-cnn or charlm.")],
+         opt: Annotated[Optional[list[str]], typer.Option(
+             "--opt", help="A cheap ESGD route, repeatable, e.g. esgd-m-pair or "
+                           "esgd-m:hvp_fraction=0.25,hvp_paired=true. (default: esgd-m-sub and esgd-m-pair)")]
+         = None,
+         at_step: Annotated[int, typer.Option(help="Steps of exact ESGD-M before measuring.")] = 100,
+         samples: Annotated[int, typer.Option(help="Batches (one probe each) to average over.")] = 64,
+         seed: Annotated[int, typer.Option(help="Seed of the model, the batches and the probes.")] = 0,
+         device: _Device = None, batch_size: _BatchSize = None, data_dir: _DataDir = None,
+         synthetic: _Synthetic = None, threads: _Threads = None, option: _Option = None,
+         out: Annotated[Optional[Path], typer.Option(help="Output folder. (default: results/bias-<task>-<timestamp>)")]
+         = None) -> None:
+    """Is a cheap curvature estimate centred on the whole batch's squared product?  Its mean against
+    the exact (H z)^2 on TASK's batches, same probes, at one point of training."""
+    console = _stdout()
+    with _guarded():
+        from bench import bias as bs
+        from bench.display import bias_table
+        config = bs.BiasConfig(task=task, routes=tuple(opt) if opt else bs.DEFAULT_ROUTES, at_step=at_step,
+                               samples=samples, seed=seed, device=device or "auto", batch_size=batch_size,
+                               synthetic=bool(synthetic), data_dir=data_dir, threads=threads, out=out,
+                               options=_parse_options(option) or {})
+        with console.status("bias") as status:
+            path, table = bs.run_bias(config, argv=["esgd-bench"] + sys.argv[1:],
+                                      progress=lambda what: status.update(f"bias: {what}"))
+    console.print(bias_table(table))
+    console.print(f"bias: {path / 'bias.csv'} and {path / 'meta.json'}")
+
+
+@app.command()
 def regress(baseline: Annotated[Path, typer.Option(help="Baseline JSON.")] = Path("results/baselines/ci.json"),
             update: Annotated[bool, typer.Option("--update", help="Rerun the suite and rewrite the baseline.")]
             = False,

@@ -195,3 +195,20 @@ def profile_tables(profile: pd.DataFrame) -> list[Table]:
                       _f(r["extra_vs_plain_step"]))
         tables.append(t)
     return tables
+
+
+def bias_table(table: pd.DataFrame) -> Table:
+    """``esgd-bench bias``: each cheap route's mean estimate against the whole batch's exact (H z)^2."""
+    first = table.iloc[0]
+    t = Table(title=f"{first['task']}: mean estimate / mean exact (H z)^2 after {int(first['at_step'])} steps of "
+                    f"{first['reference']}, {int(first['samples'])} batches of {int(first['batch_rows'])} rows",
+              caption="1 = centred on the whole batch's squared product; r > 1 shrinks ESGD-M's steps by about "
+                      "sqrt(r); interval: 95%, resampling the batches")
+    for col in ("route", "rows per product", "ratio", "95% interval", "per tensor: min - max"):
+        t.add_column(col, justify="left" if col == "route" else "right")
+    for route, g in table.groupby("route", sort=False):
+        whole = g[g["parameter"] == "all"].iloc[0]
+        each = g[g["parameter"] != "all"]["ratio"]
+        t.add_row(route, str(whole["rows"]), _f(whole["ratio"]), f"{_f(whole['low'])} - {_f(whole['high'])}",
+                  f"{_f(each.min())} - {_f(each.max())}" if len(each) else "-")
+    return t

@@ -108,7 +108,8 @@ register_optimizer(OptimizerSpec(
 register_optimizer(OptimizerSpec(
     name="esgd-m-pair", factory=ESGD, second_order=True,
     description="ESGD-M with the paired estimate of (Hz)^2 from two 1/16 halves of the batch (hvp_fraction="
-                "0.125, hvp_paired=True): as cheap as esgd-m-sub, with much less of its inflated curvature",
+                "0.125, hvp_paired=True): as cheap as esgd-m-sub, centred where the loss is a sum over rows "
+                "(not under BatchNorm; esgd-bench bias measures it)",
     defaults={"hvp_fraction": 0.125, "hvp_paired": True}, lrs=_ESGD_M_LRS))
 register_optimizer(OptimizerSpec(
     name="esgd-m-max", factory=ESGDMax, second_order=True,
