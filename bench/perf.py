@@ -76,6 +76,7 @@ VARIANTS = (Variant("esgd-m", "esgd-m", "exact"),
             Variant("esgd-m-compiled", "esgd-m:hvp_compiled=true", "exact"),
             Variant("esgd-m-sub", "esgd-m-sub", "sub-batch"),
             Variant("esgd-m-pair", "esgd-m-pair", "paired"),
+            Variant("esgd-m-pair-compiled", "esgd-m-pair:hvp_compiled=true", "paired"),
             Variant("esgd-m-fd", "esgd-m:hvp_method=finite-difference", "finite-difference"),
             Variant("esgd", "esgd", "exact"), Variant("sgd", "sgd", ""), Variant("adam", "adam", ""))
 SWEEP_VARIANTS = ("esgd-m", "esgd-m-sub", "adam")

@@ -180,9 +180,9 @@ def check_route(choice: OptimizerChoice, *, accumulate: int = 1, world: int = 1,
         raise BenchError(f"{choice.label}: {what} needs the exact product (hvp_method="
                          "'autograd') and works without --accumulate, --nproc and --compile")
     if choice.second_order and choice.hvp_compiled:
-        if choice.hvp_fraction < 1 or choice.hvp_paired:
-            raise BenchError(f"{choice.label}: hvp_compiled takes the exact product of the whole batch; it "
-                             "does not combine with hvp_fraction < 1 or hvp_paired")
+        if choice.hvp_fraction < 1 and not choice.hvp_paired:
+            raise BenchError(f"{choice.label}: hvp_compiled takes the exact product of the whole batch or of "
+                             "two halves (hvp_paired); it does not combine with hvp_fraction < 1 alone")
         if accumulate > 1 or world > 1 or compile or method != "autograd" or precision != "fp32":
             raise BenchError(f"{choice.label}: hvp_compiled compiles the product itself, of one batch on one "
                              "process, in float32: it works without --accumulate, --nproc, --compile, "
@@ -290,10 +290,10 @@ class StepRoute:
         self._loss = loss
         return loss
 
-    def _forward_loss(self, batch: Any) -> torch.Tensor:
-        # Fused attention kernels cannot be differentiated twice: the forwards of graph-building steps
-        # take the math kernel (see esgd.attention); every other forward keeps the fused one.
-        graph = self.second_order and needs_create_graph(self.opt, True)
+    def _forward_loss(self, batch: Any, graph: bool = True) -> torch.Tensor:
+        # Fused attention kernels cannot be differentiated twice: the forwards whose graph is built take
+        # the math kernel (see esgd.attention); every other forward (graph=False) keeps the fused one.
+        graph = graph and self.second_order and needs_create_graph(self.opt, True)
         with autocast(self.precision, self.device), hvp_attention(graph):
             return self.problem.loss(batch)
 
@@ -304,12 +304,12 @@ class StepRoute:
     def _simple(self, batch: Any) -> torch.Tensor:
         problem, opt = self.problem, self.opt
         graph = self.second_order and needs_create_graph(opt, True)
-        if graph and self.forward_over_reverse is not None:
+        if graph and self.forward_over_reverse is not None and not self.paired:
             with autocast(self.precision, self.device):
                 return self.forward_over_reverse.backward(opt, batch)
-        loss = self._forward_loss(batch)
         pair = pair_batches(batch, self.fraction) if graph and self.paired else None
         part = sub_batch(batch, self.fraction) if graph and not self.paired else None
+        loss = self._forward_loss(batch, graph=part is None and pair is None)
         if part is None and pair is None:
             self._scaled(loss).backward(create_graph=graph)
             return loss
@@ -317,7 +317,9 @@ class StepRoute:
         # The extra forwards must not move the model's buffers (BatchNorm's running statistics).
         buffers = [(b, b.detach().clone()) for b in problem.model.buffers()]
         try:
-            if pair is not None:
+            if pair is not None and self.forward_over_reverse is not None:   # compiled: fp32 only
+                self.forward_over_reverse.accumulate_pair(opt, (pair[0],), (pair[1],), pair[2])
+            elif pair is not None:
                 opt.accumulate_hvp_pair(self._scaled(self._forward_loss(pair[0])),
                                         self._scaled(self._forward_loss(pair[1])), pair[2])
             else:

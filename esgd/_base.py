@@ -469,6 +469,14 @@ class HessianOptimizer(Optimizer):
         of the whole batch for the gradient (elsewhere a no-op); under a ``GradScaler`` pass both losses
         scaled.  Products are not averaged across data-parallel ranks (``hvp_reduce``).
         """
+        if not self._pair_wanted(covers, "accumulate_hvp_pair"):
+            return
+        params, a = self._products_of(loss_a)
+        _, b = self._products_of(loss_b)
+        self._hvp_pair = (dict(zip(params, a)), dict(zip(params, b)), float(covers))
+
+    def _pair_wanted(self, covers: float, method: str) -> bool:
+        """Check a paired estimate's arguments and state; whether this step takes it."""
         name = type(self).__name__
         if not self.squares_products:
             raise ValueError(f"{name}: the paired estimate replaces the squared product (H z)^2, and this "
@@ -477,15 +485,41 @@ class HessianOptimizer(Optimizer):
         if covers == 0:
             raise ValueError(f"Invalid covers: {covers!r} (must be in (0, 1])")
         if not (self.is_hvp_step() and self.hvp_method == "autograd"):
-            return
+            return False
         if self.hvp_reduce is not None:
             raise ValueError(f"{name}: the paired estimate is not averaged across data-parallel ranks; "
                              "use accumulate_hvp(loss) there")
         if self._hvp_pair is not None or self._hvp_sums:
-            raise RuntimeError(f"{name}: accumulate_hvp_pair takes one pair per step, and no other product")
-        params, a = self._products_of(loss_a)
-        _, b = self._products_of(loss_b)
-        self._hvp_pair = (dict(zip(params, a)), dict(zip(params, b)), float(covers))
+            raise RuntimeError(f"{name}: {method} takes one pair per step, and no other product")
+        return True
+
+    @torch.no_grad()
+    def accumulate_product_pair(self, params: Sequence[torch.Tensor], a: Sequence[torch.Tensor],
+                                b: Sequence[torch.Tensor], covers: float, *, copy: bool = True) -> None:
+        """:meth:`accumulate_hvp_pair` for products the caller computed: ``a`` and ``b``, the products
+        ``H_A z`` and ``H_B z`` of two disjoint, equally sized halves, with :meth:`hvp_probes`' probes,
+        for every parameter of the optimizer that requires a gradient, in the order of ``params``.
+
+        ``copy=False`` hands the tensors over (the optimizer overwrites ``a`` in place)."""
+        if not self._pair_wanted(covers, "accumulate_product_pair"):
+            return
+        params, a, b = list(params), list(a), list(b)
+        held = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        name = type(self).__name__
+        if len(a) != len(params) or len(b) != len(params) or set(params) != set(held):
+            raise ValueError(f"{name}: accumulate_product_pair needs one product of each half for every "
+                             f"parameter the optimizer holds ({len(held)}); got {len(params)} parameters, "
+                             f"{len(a)} and {len(b)} products")
+        for p, x, y in zip(params, a, b):
+            if p not in self._probes:
+                raise RuntimeError(f"{name}: a product was given for a parameter without a probe this step; "
+                                   "take the probes from opt.hvp_probes(params) first")
+            if x.shape != p.shape or y.shape != p.shape:
+                raise ValueError(f"{name}: products of shapes {tuple(x.shape)} and {tuple(y.shape)} were "
+                                 f"given for a parameter of shape {tuple(p.shape)}")
+        keep = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
+        self._hvp_pair = ({p: keep(x) for p, x in zip(params, a)}, {p: keep(y) for p, y in zip(params, b)},
+                          float(covers))
 
     def _products_of(self, loss: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The products of ``loss`` alone, for every parameter that requires a gradient."""

@@ -26,6 +26,8 @@ model to its ``.grad`` (parameters that a second optimizer holds included), move
 (BatchNorm's running statistics) as the forward would have, and hands the product of ``opt``'s
 parameters to ``opt.accumulate_products``; on the other steps it is a forward and a plain
 ``backward()``.  The product is the double backward's to rounding (the tests compare them in float64).
+:meth:`ForwardOverReverse.accumulate_pair` takes the two products of the paired estimate the same way,
+after a plain ``backward()`` of the whole batch.
 
 What the model needs: its forward is a function of its parameters, buffers and inputs, changing nothing
 but its own buffers in place; a loss term built from parameter tensors captured elsewhere (a list made
@@ -129,6 +131,42 @@ class ForwardOverReverse:
             loss = self.loss_fn(*args, **kwargs)
             loss.backward()
             return loss.detach()
+        held, names, trainable, tangents = self._probes(opt)
+        buffers = {"model." + name: b for name, b in self.model.named_buffers()}
+        loss, g, hz, moved = self._run(opt, trainable, buffers, tangents, args, kwargs)
+        with torch.no_grad():
+            for name, b in buffers.items():
+                b.copy_(moved[name])
+            for n, p in trainable:
+                if p.grad is None:
+                    p.grad = g[n].detach().clone() if self._outputs_reused else g[n].detach()
+                else:
+                    p.grad.add_(g[n])
+        opt.accumulate_products(held, [hz[names[p]] for p in held], copy=self._outputs_reused)
+        return loss
+
+    def accumulate_pair(self, opt: torch.optim.Optimizer, first: tuple, second: tuple, covers: float) -> None:
+        """On ``opt``'s HVP steps, the paired estimate from two disjoint, equally sized halves of the batch:
+        ``loss_fn(*first)`` and ``loss_fn(*second)``'s exact products with the step's probe, handed to
+        ``opt.accumulate_product_pair`` (see ``accumulate_hvp_pair``); elsewhere a no-op.
+
+        For a loop that takes the step's gradient from a plain ``backward()`` of the whole batch: nothing
+        is added to ``.grad``, and the model's buffers are left as they are (the halves' forwards do not
+        move BatchNorm's running statistics).  Each half's shape compiles once."""
+        if not getattr(opt, "should_create_graph", lambda: False)():
+            return
+        held, names, trainable, tangents = self._probes(opt)
+        buffers = {"model." + name: b for name, b in self.model.named_buffers()}
+        products = []
+        for args in (first, second):
+            hz = self._run(opt, trainable, buffers, tangents, tuple(args), {})[2]
+            # Under CUDA graphs the second pass overwrites the first's outputs: keep copies as they come.
+            products.append([hz[names[p]].clone() if self._outputs_reused else hz[names[p]] for p in held])
+        opt.accumulate_product_pair(held, products[0], products[1], covers, copy=False)
+
+    def _probes(self, opt: torch.optim.Optimizer) -> tuple:
+        """``opt``'s parameters, their names, the model's trainable parameters and the tangents: the
+        step's probe for ``opt``'s parameters, zero for the others."""
         held = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
         names = {p: name for name, p in self._named}
         missing = [p for p in held if p not in names]
@@ -141,12 +179,16 @@ class ForwardOverReverse:
         trainable = [(n, p) for n, p in self._named if p.requires_grad]
         probes = dict(zip([names[p] for p in held], opt.hvp_probes(held)))
         tangents = {n: probes[n] if n in probes else torch.zeros_like(p) for n, p in trainable}
-        buffers = {"model." + name: b for name, b in self.model.named_buffers()}
+        return held, names, trainable, tangents
+
+    def _run(self, opt: torch.optim.Optimizer, trainable: list, buffers: dict, tangents: dict, args: tuple,
+             kwargs: dict) -> tuple:
+        """One forward-over-reverse pass; an autocast failure abandons ``opt``'s step with one error."""
         # Differentiating twice needs the math attention kernel, as the double backward does.
         try:
             with hvp_attention(True):
-                loss, g, hz, moved = self._pass(self._module, {n: p.detach() for n, p in trainable}, buffers,
-                                                tangents, args, kwargs)
+                return self._pass(self._module, {n: p.detach() for n, p in trainable}, buffers, tangents,
+                                  args, kwargs)
         except RuntimeError as err:
             if not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
                 raise
@@ -154,13 +196,3 @@ class ForwardOverReverse:
             raise RuntimeError("ForwardOverReverse: torch.func could not differentiate this model under "
                                f"autocast ({' '.join(str(err).split())[:160]}); take this model's products "
                                "in float32, or by loss.backward(create_graph=...)") from err
-        with torch.no_grad():
-            for name, b in buffers.items():
-                b.copy_(moved[name])
-            for n, p in trainable:
-                if p.grad is None:
-                    p.grad = g[n].detach().clone() if self._outputs_reused else g[n].detach()
-                else:
-                    p.grad.add_(g[n])
-        opt.accumulate_products(held, [hz[names[p]] for p in held], copy=self._outputs_reused)
-        return loss

@@ -23,6 +23,7 @@ from bench.errors import BenchError
 from bench.memory import probe
 from bench.optimizers import OptimizerSpecError, list_optimizers, parse_optimizer
 from bench.profiling import CATEGORIES, COMPILED_GRAPH
+from bench import steps as bench_steps
 from bench.steps import StepRoute, check_route, sub_batch
 from bench.train import train
 from cli import app
@@ -87,11 +88,16 @@ def test_sub_batch_product_is_the_exact_product_of_the_sub_batch(task, options):
     route.close()
 
 
-@pytest.mark.parametrize("task,options", [("mnist", TINY["mnist"]), ("cifar", {"arch": "resnet20"})])
-def test_paired_products_are_those_of_two_disjoint_halves(task, options):
+# The compiled route on the MLP only: compiling a ResNet's product takes minutes on a CPU.
+@pytest.mark.parametrize("task,options,spec", [("mnist", TINY["mnist"], "esgd-m-pair"),
+                                               ("cifar", {"arch": "resnet20"}, "esgd-m-pair"),
+                                               ("mnist", TINY["mnist"], "esgd-m-pair:hvp_compiled=true")])
+def test_paired_products_are_those_of_two_disjoint_halves(task, options, spec):
     """hvp_paired: the step's estimate comes from the products of rows 0 and 1 (1/8 of 8 rows, rounded
-    up to two rows), with the same probe, covering 2/8 of the batch."""
-    problem, params, _, opt, route, batch = _first_hvp_step(task, options, "esgd-m-pair")
+    up to two rows), with the same probe, covering 2/8 of the batch; by the double backward or by
+    compiled forward-over-reverse."""
+    problem, params, _, opt, route, batch = _first_hvp_step(task, options, spec)
+    assert (route.forward_over_reverse is not None) == spec.endswith("hvp_compiled=true")
     a_got, b_got, covers = opt._hvp_pair
     assert covers == 0.25 and not opt._hvp_sums
     probes = [opt._probes[p] for p in params]
@@ -124,6 +130,18 @@ def test_compiled_product_is_refused_where_it_does_not_apply(extra, options):
     with pytest.raises(BenchError, match="hvp_compiled"):
         make_config({"tasks": ["mnist"], "optimizers": [f"esgd-m:hvp_compiled=true{options}"], "device": "cpu",
                      **extra})
+
+
+@pytest.mark.parametrize("name,kernels", [("esgd-m-sub", [False, True]),
+                                          ("esgd-m-pair", [False, True, True])])
+def test_only_the_forwards_whose_graph_is_built_take_the_math_attention_kernel(name, kernels, monkeypatch):
+    """On a product step of a cheap route the whole batch's forward has a plain backward, so it keeps
+    the fused attention kernel; the sub-batch's and the halves' forwards are differentiated twice."""
+    seen = []
+    real = bench_steps.hvp_attention
+    monkeypatch.setattr(bench_steps, "hvp_attention", lambda graph: seen.append(bool(graph)) or real(graph))
+    _first_hvp_step("mnist", TINY["mnist"], name)[4].close()
+    assert seen == kernels
 
 
 BAD_FRACTION = "esgd-m:hvp_fraction=0.5,hvp_method='finite-difference'"

@@ -41,10 +41,11 @@ def batches(model_fn, n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]
             for _ in range(n)]
 
 
-def train(cls, model_fn, route: str, *, frozen: bool = False):
+def train(cls, model_fn, route: str, *, frozen: bool = False, pair: bool = False):
     """``STEPS`` steps of ``cls`` on a float64 ``model_fn()``; products by ``route``: "double" (backward
-    with create_graph), "eager" or "compiled" (forward-over-reverse).  Returns losses, parameters,
-    buffers and the product steps."""
+    with create_graph), "eager" or "compiled" (forward-over-reverse).  With ``pair``, a plain backward
+    and the paired estimate of two halves of the first four rows.  Returns losses, parameters, buffers
+    and the product steps."""
     torch.manual_seed(0)
     model = model_fn().double()
     if frozen:                    # a parameter the optimizer does not hold stays a constant
@@ -58,7 +59,19 @@ def train(cls, model_fn, route: str, *, frozen: bool = False):
     for x, y in batches(model_fn):
         products.append(opt.is_hvp_step())
         opt.zero_grad(set_to_none=True)
-        if fr is None:
+        if pair:
+            loss = loss_of(x, y)
+            loss.backward()
+            halves, saved = ((x[:2], y[:2]), (x[2:4], y[2:4])), [b.clone() for b in model.buffers()]
+            if fr is None and opt.should_create_graph():
+                opt.accumulate_hvp_pair(loss_of(*halves[0]), loss_of(*halves[1]), covers=0.5)
+                with torch.no_grad():      # the halves' forwards must not move the running statistics
+                    for b, s in zip(model.buffers(), saved):
+                        b.copy_(s)
+            elif fr is not None:
+                fr.accumulate_pair(opt, halves[0], halves[1], covers=0.5)
+                assert all(torch.equal(b, s) for b, s in zip(model.buffers(), saved))
+        elif fr is None:
             loss = loss_of(x, y)
             loss.backward(create_graph=opt.should_create_graph())
         else:
@@ -92,6 +105,19 @@ def test_a_frozen_parameter_stays_a_constant():
 def test_compiled_forward_over_reverse_trains_as_the_double_backward():
     """torch.compile reorders and fuses the arithmetic, so float64 agrees to rounding, not to the bit."""
     assert_same(train(esgd.ESGD, mlp, "compiled"), train(esgd.ESGD, mlp, "double"), tol=1e-9)
+
+
+@pytest.mark.parametrize("model_fn", [convnet, mlp])
+@pytest.mark.parametrize("cls", [c for c in OPTIMIZERS if c.squares_products], ids=lambda c: c.__name__)
+def test_the_paired_estimate_from_forward_over_reverse_trains_as_from_the_double_backward(cls, model_fn):
+    double = train(cls, model_fn, "double", pair=True)
+    assert double[1].isfinite().all() and double[0][-1] != double[0][0]
+    assert double[1].ne(train(cls, model_fn, "double")[1]).any()        # pairing changed the steps
+    assert_same(train(cls, model_fn, "eager", pair=True), double)
+
+
+def test_the_compiled_paired_estimate_trains_as_the_double_backwards():
+    assert_same(train(esgd.ESGD, mlp, "compiled", pair=True), train(esgd.ESGD, mlp, "double", pair=True), tol=1e-9)
 
 
 def test_the_buffers_move_once_per_step_as_the_forward_moves_them():
@@ -172,6 +198,22 @@ def test_misuse_is_refused_in_one_line():
         fr.backward(esgd.ESGD(model.parameters(), lr=0.1, hvp_method="finite-difference"), torch.ones(1, 2))
     with pytest.raises(TypeError, match="nn.Module"):
         ForwardOverReverse(lambda x: x, lambda x: x)
+    pair = esgd.ESGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="covers"):
+        fr.accumulate_pair(pair, (torch.ones(1, 2),), (torch.ones(1, 2),), covers=0)
+    with pytest.raises(ValueError, match="squared product"):
+        fr.accumulate_pair(esgd.AdaHessian(model.parameters()), (torch.ones(1, 2),), (torch.ones(1, 2),), 0.5)
+    held = list(model.parameters())
+    probes = pair.hvp_probes(held)
+    with pytest.raises(ValueError, match="for every"):
+        pair.accumulate_product_pair(held[:1], probes[:1], probes[:1], 0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        pair.accumulate_product_pair(held, [torch.ones(5)] * 2, probes, 0.5)
+    pair.accumulate_product_pair(held, probes, probes, 0.5)
+    with pytest.raises(RuntimeError, match="one pair per step"):
+        pair.accumulate_product_pair(held, probes, probes, 0.5)
+    with pytest.raises(RuntimeError, match="already has a paired estimate"):
+        pair.accumulate_products(held, probes)
 
 
 def test_steps_without_a_product_are_a_plain_backward():
@@ -261,3 +303,31 @@ def test_gradients_and_products_are_copied_only_where_cuda_graphs_reuse_the_outp
     model = nn.Linear(2, 1)
     fr = esgd.ForwardOverReverse(model, lambda x: model(x).sum(), compile=compile)
     assert fr._outputs_reused is reused
+
+
+def test_a_pair_under_reused_outputs_keeps_each_halfs_products():
+    """Where CUDA graphs write every pass's outputs into the same memory, the first half's products
+    must be copied before the second pass: simulated with a pass that returns the same tensors."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    fr = ForwardOverReverse(model, lambda x: (model(x) ** 3).sum(), compile=False)
+    slots: dict = {}
+
+    def same_memory(*args):
+        out = esgd.forward._gradient_and_product(*args)
+        for key, tensor in out[2].items():
+            slots.setdefault(key, torch.empty_like(tensor)).copy_(tensor)
+        return out[0], out[1], slots, out[3]
+
+    fr._pass, fr._outputs_reused = same_memory, True
+    opt = esgd.ESGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fr.accumulate_pair(opt, (x[:2],), (x[2:],), covers=1.0)
+    a, b, _ = opt._hvp_pair
+    params = list(model.parameters())
+    probes = opt.hvp_probes(params)           # the step's probes, drawn by the pair
+    for rows, got in ((slice(0, 2), a), (slice(2, 4), b)):
+        grads = torch.autograd.grad((model(x[rows]) ** 3).sum(), params, create_graph=True)
+        want = torch.autograd.grad(grads, params, probes)
+        for p, w in zip(params, want):
+            torch.testing.assert_close(got[p], w)
