@@ -1,26 +1,34 @@
 """``esgd-bench bias``: is a cheap curvature estimate centred on the whole batch's squared product?
 
 Training with a cheap route over seeds answers whether it converges like the exact product; this answers
-the question underneath in a minute or two, on the task's own model and batches.  ESGD-M divides each
-step by the square root of an average of :math:`(H z)^2`; a cheap estimate whose expectation is ``r``
-times the whole batch's :math:`(H z)^2` shrinks every step by about :math:`\\sqrt{r}`, however long the
-average.  So, at one point of training, for each of ``samples`` fresh batches and Rademacher probes
-:math:`z`, this takes the whole batch's exact :math:`(H z)^2` and, with the same probe and batch, each
-cheap route's estimate of it: the squared product of its sub-batch (``hvp_fraction``), or the paired
-estimate of its two halves (``hvp_paired``, :func:`esgd._base.paired_estimate`, the optimizer's own
-arithmetic).  The ratio of their sums over parameters and samples is reported with a 95% interval from
-resampling the samples, for the whole model and for each parameter tensor.
+the question underneath in minutes, on the task's own model and batches.  ESGD-M divides each step by
+the square root of an average of :math:`(H z)^2`; an estimate whose expectation is larger than the whole
+batch's :math:`(H z)^2` makes the denominators larger and the steps smaller, however long the average.
+So, at one point of training, for each of ``samples`` fresh batches and Rademacher probes :math:`z`,
+this takes the whole batch's exact :math:`(H z)^2` and, with the same probe and batch, each cheap route's
+estimate of it: the squared product of its sub-batch (``hvp_fraction``), or the paired estimate of its
+two halves (``hvp_paired``, :func:`esgd._base.paired_estimate`, the optimizer's own arithmetic).
+Reported, for the whole model and for each parameter tensor:
 
-The point is reached by training with the reference (ESGD-M, exact product, the task's learning rate)
-for ``at_step`` steps, exactly as :func:`bench.train.train` steps.  Products are taken in train mode,
-as on a training step; BatchNorm's running statistics are restored after every extra forward, so the
-measurement does not move the model.  Results: ``bias.csv`` (long format: one row per route and
-parameter tensor, ``all`` for the model) and ``meta.json``.
+* ``ratio``: the sum of the estimates over the sum of the exact squares, over elements and samples (a
+  summary weighted by curvature: per element the ratio varies), with a 95% interval from resampling
+  the samples;
+* ``floored``: the same with the paired estimate's noise floor applied as the optimizer applies it:
+  per element, the larger of the averaged estimate and the averaged floor (or, for an optimizer that
+  floors each step, ``d_max`` and ``ESGDMax``, the average of each step's larger one).  For a sub-batch
+  route it equals ``ratio``.
+
+The point is reached by training with the reference (ESGD-M, exact product, the task's learning rate,
+held constant) for ``at_step`` steps, with the step code of :func:`bench.train.train`.  Products are
+taken in train mode, as on a training step; BatchNorm's running statistics are restored after every
+extra forward, so the measurement does not move the model.  Results: ``bias.csv`` (long format: one row
+per route and parameter tensor, ``all`` for the model) and ``meta.json``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import math
 import time
 import warnings
@@ -43,10 +51,12 @@ from .optimizers import OptimizerChoice, parse_optimizer
 from .steps import StepRoute, _rows, pair_batches, sub_batch
 from .store import check_folder, write_csv, write_json
 
-__all__ = ["BiasConfig", "run_bias", "route_rows", "DEFAULT_ROUTES"]
+__all__ = ["BiasConfig", "run_bias", "estimate", "product_fn", "DEFAULT_ROUTES"]
 
 DEFAULT_ROUTES = ("esgd-m-sub", "esgd-m-pair")
 _RESAMPLES = 2000
+_MIN_SAMPLES = 10          # fewer make the resampled interval meaningless
+_PROBE_SEED = 7919
 
 
 @dataclass(frozen=True)
@@ -68,14 +78,6 @@ class BiasConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def route_rows(choice: OptimizerChoice, rows: int) -> str:
-    """How many rows one product of the route sees, e.g. ``2 x 8`` (paired) or ``16``."""
-    if choice.hvp_paired:
-        half = max(1, math.ceil(min(choice.hvp_fraction, 1.0) * rows / 2))
-        return f"2 x {half}" if rows >= 2 else str(rows)
-    return str(max(1, math.ceil(min(choice.hvp_fraction, 1.0) * rows)))
-
-
 def _check(choice: OptimizerChoice) -> OptimizerChoice:
     """Only estimates of ``(H z)^2`` from exact products of part of the batch can be compared here."""
     if not choice.second_order or not getattr(choice.spec.factory, "squares_products", False):
@@ -87,71 +89,31 @@ def _check(choice: OptimizerChoice) -> OptimizerChoice:
     return choice
 
 
-def _estimator(choice: OptimizerChoice, hvp: Callable[[Any, list], list]) -> Callable[[Any, list], list]:
-    """The route's per-element estimate of the whole batch's ``(H z)^2`` for one batch and probe."""
-    def estimate(batch: Any, probe: list) -> list:
-        pair = pair_batches(batch, choice.hvp_fraction) if choice.hvp_paired else None
-        if pair is not None:
-            squares, _ = paired_estimate(hvp(pair[0], probe), hvp(pair[1], probe), pair[2])
-            return squares
-        part = None if choice.hvp_paired else sub_batch(batch, choice.hvp_fraction)
-        return [h * h for h in hvp(batch if part is None else part, probe)]
-    return estimate
+def _parts(choice: OptimizerChoice, batch: Any) -> tuple[tuple, float]:
+    """The rows a route's products take: ``((half_a, half_b), covers)`` or ``((part,), 1.0)``."""
+    pair = pair_batches(batch, choice.hvp_fraction) if choice.hvp_paired else None
+    if pair is not None:
+        return (pair[0], pair[1]), pair[2]
+    part = None if choice.hvp_paired else sub_batch(batch, choice.hvp_fraction)
+    return (batch if part is None else part,), 1.0
 
 
-def _ratio(est: torch.Tensor, exact: torch.Tensor, gen: torch.Generator) -> tuple[float, float, float]:
-    """Sum of estimates over sum of exact squares, and a 95% interval from resampling the samples."""
-    ratio = float(est.sum() / exact.sum())
-    picks = torch.randint(0, len(est), (_RESAMPLES, len(est)), generator=gen)
-    boot = est[picks].sum(1) / exact[picks].sum(1)
-    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype)).tolist()
-    return ratio, low, high
+def _whole_batch(choice: OptimizerChoice, batch: Any, rows: int) -> bool:
+    """Whether the route's products cover the whole batch, which leaves nothing to compare."""
+    parts, covers = _parts(choice, batch)
+    return covers >= 1 if len(parts) == 2 else _rows(parts[0]) == rows
 
 
-def _train_to(problem: Any, choice: OptimizerChoice, task: str, seed: int, steps: int) -> float:
-    """Train ``steps`` steps with the reference as ``bench.train.train`` does; the last loss."""
-    opt = choice.create(problem.model.parameters(), task=task, seed=seed)
-    route = StepRoute(problem, opt, choice)
-    loss = math.nan
-    try:
-        for step in range(1, steps + 1):
-            opt.zero_grad(set_to_none=True)
-            loss = route.forward_backward(next(problem.batches)).item()
-            if not math.isfinite(loss):
-                raise BenchError(f"bias: training {choice.label} on {task} reached a non-finite loss at step "
-                                 f"{step}; choose a smaller --at-step or another --seed")
-            route.step()
-    finally:
-        route.close()
-    return loss
+def _floors_each_step(choice: OptimizerChoice) -> bool:
+    """Whether the optimizer floors each step's paired estimate (a running maximum) instead of the average."""
+    return bool({**choice.spec.defaults, **choice.given}.get("d_max", False)) \
+        or getattr(choice.spec.factory, "__name__", "") == "ESGDMax"
 
 
-def run_bias(config: BiasConfig, *, argv: Sequence[str] | None = None,
-             progress: Callable[[str], None] | None = None) -> tuple[Path, pd.DataFrame]:
-    """Measure; returns the output folder and the table written to ``bias.csv``."""
-    spec = tasks.get_task(config.task)
-    for what, value, low in (("samples", config.samples, 2), ("at_step", config.at_step, 0),
-                             ("batch_size", config.batch_size, 1), ("threads", config.threads, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise BenchError(f"bias: {what} must be an integer >= {low}, got {value!r}")
-    routes = [_check(parse_optimizer(r)) for r in config.routes]
-    if not routes:
-        raise BenchError("bias: name at least one route (--opt)")
-    reference = parse_optimizer(config.reference)
-    device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = check_folder(Path(config.out) if config.out else
-                       Path("results") / f"bias-{config.task}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    started = time.time()
-    torch.manual_seed(config.seed)
-    problem = tasks.build_task(config.task, TaskConfig(
-        seed=config.seed, device=device, batch_size=config.batch_size, synthetic=config.synthetic,
-        data_dir=config.data_dir, options=dict(config.options)))
-    model = problem.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    buffers = [b for b in model.buffers()]
+def product_fn(problem: Any, params: list[torch.Tensor]) -> Callable[[Any, list], list]:
+    """``hvp(batch, probe)``: the exact product of ``problem.loss(batch)`` along ``probe``, by double
+    backward in train mode, the model's buffers restored afterwards."""
+    buffers = list(problem.model.buffers())
 
     def hvp(batch: Any, probe: list) -> list:
         saved = [b.detach().clone() for b in buffers]
@@ -168,42 +130,96 @@ def run_bias(config: BiasConfig, *, argv: Sequence[str] | None = None,
             with torch.no_grad():
                 for b, s in zip(buffers, saved):
                     b.copy_(s)
+    return hvp
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
-        if progress:
-            progress(f"training {reference.label} to step {config.at_step}")
-        last_loss = _train_to(problem, reference, config.task, config.seed, config.at_step)
-        estimators = [_estimator(c, hvp) for c in routes]
-        gen = torch.Generator(device=params[0].device)
-        gen.manual_seed(config.seed)
-        # Per sample and parameter tensor: the sum of exact squares and of each route's estimate.
-        exact = torch.zeros(config.samples, len(params), dtype=torch.float64)
-        ests = torch.zeros(len(routes), config.samples, len(params), dtype=torch.float64)
-        rows_per_batch = None
-        for i in range(config.samples):
-            if progress:
-                progress(f"sample {i + 1}/{config.samples}")
-            batch = next(problem.batches)
-            rows_per_batch = rows_per_batch or _rows(batch)
-            probe = [rademacher(p.shape, gen, p.device, p.dtype) for p in params]
-            exact[i] = torch.stack([(h * h).double().sum() for h in hvp(batch, probe)])
-            for r, estimate in enumerate(estimators):
-                ests[r, i] = torch.stack([e.double().sum() for e in estimate(batch, probe)])
-            if not bool(exact[i].isfinite().all() and ests[:, i].isfinite().all()):
-                raise BenchError(f"bias: a product on {config.task} was not finite (sample {i + 1})")
-    boot = torch.Generator().manual_seed(config.seed)
-    table_rows = []
-    for r, choice in enumerate(routes):
-        parts = [("all", sum(p.numel() for p in params), ests[r].sum(1), exact.sum(1))]
-        parts += [(n, p.numel(), ests[r, :, j], exact[:, j]) for j, (n, p) in enumerate(zip(names, params))]
-        for name, numel, est, ex in parts:
-            ratio, low, high = _ratio(est, ex, boot) if float(ex.sum()) > 0 else (math.nan,) * 3
-            table_rows.append({"task": config.task, "route": choice.label, "reference": reference.label,
-                               "rows": route_rows(choice, rows_per_batch or 0), "batch_rows": rows_per_batch,
-                               "parameter": name, "numel": numel, "ratio": ratio, "low": low, "high": high,
-                               "at_step": config.at_step, "samples": config.samples, "seed": config.seed})
-    table = pd.DataFrame(table_rows)
+
+def estimate(choice: OptimizerChoice, hvp: Callable[[Any, list], list], batch: Any,
+             probe: list) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The route's per-element estimate of the whole batch's ``(H z)^2`` for one batch and probe, and
+    the paired estimate's noise floor (``None`` for a sub-batch)."""
+    parts, covers = _parts(choice, batch)
+    if len(parts) == 2:
+        return paired_estimate(hvp(parts[0], probe), hvp(parts[1], probe), covers)
+    return [h * h for h in hvp(parts[0], probe)], None
+
+
+def _ratio(est: torch.Tensor, exact: torch.Tensor, gen: torch.Generator) -> tuple[float, float, float]:
+    """Sum of estimates over sum of exact squares, and a 95% interval from resampling the samples (the
+    same picks for both, since each sample's estimate and exact square share a batch and probe)."""
+    ratio = float(est.sum() / exact.sum())
+    picks = torch.randint(0, len(est), (_RESAMPLES, len(est)), generator=gen)
+    boot = est[picks].sum(1) / exact[picks].sum(1)
+    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=boot.dtype)).tolist()
+    return ratio, low, high
+
+
+def _train_to(problem: Any, choice: OptimizerChoice, task: str, seed: int, steps: int) -> float:
+    """Train ``steps`` steps with the reference at a constant learning rate; the last training loss."""
+    opt = choice.create(problem.model.parameters(), task=task, seed=seed)
+    route = StepRoute(problem, opt, choice)
+    loss = math.nan
+    try:
+        for step in range(1, steps + 1):
+            opt.zero_grad(set_to_none=True)
+            loss = route.forward_backward(next(problem.batches)).item() / problem.loss_scale
+            if not math.isfinite(loss):
+                raise BenchError(f"bias: training {choice.label} on {task} reached a non-finite loss at step "
+                                 f"{step}; choose a smaller --at-step or another --seed")
+            route.step()
+    finally:
+        route.close()
+    return loss
+
+
+def _routes(config: BiasConfig) -> list[OptimizerChoice]:
+    routes = [_check(parse_optimizer(r)) for r in config.routes]
+    if not routes:
+        raise BenchError("bias: name at least one route (--opt)")
+    labels = [c.label for c in routes]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise BenchError(f"bias: route given more than once: {', '.join(twice)}")
+    return routes
+
+
+def run_bias(config: BiasConfig, *, argv: Sequence[str] | None = None,
+             progress: Callable[[str], None] | None = None) -> tuple[Path, pd.DataFrame]:
+    """Measure; returns the output folder and the table written to ``bias.csv``."""
+    spec = tasks.get_task(config.task)
+    for what, value, low in (("samples", config.samples, _MIN_SAMPLES), ("at_step", config.at_step, 0),
+                             ("batch_size", config.batch_size, 2), ("threads", config.threads, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise BenchError(f"bias: {what} must be an integer >= {low}, got {value!r}")
+    routes = _routes(config)
+    reference = parse_optimizer(config.reference)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.time()
+    torch.manual_seed(config.seed)
+    problem = tasks.build_task(config.task, TaskConfig(
+        seed=config.seed, device=device, batch_size=config.batch_size, synthetic=config.synthetic,
+        data_dir=config.data_dir, options=dict(config.options)))
+    first = next(problem.batches)
+    problem.batches = itertools.chain([first], problem.batches)     # the stream as training sees it
+    rows = _rows(first)
+    if rows is None or rows < 2:
+        raise BenchError(f"bias: {config.task}'s batches have no rows to split" if rows is None else
+                         f"bias: a batch of {rows} row cannot be split; use --batch-size 2 or more")
+    for choice in routes:
+        if _whole_batch(choice, first, rows):
+            raise BenchError(f"bias: {choice.label} takes its product of the whole batch of {rows} rows, "
+                             "which leaves nothing to compare; give hvp_fraction < 1")
+    out = Path(config.out) if config.out else \
+        Path("results") / f"bias-{config.task}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    created = not out.exists()
+    check_folder(out)
+    try:
+        table, last_loss = _measure(config, problem, routes, reference, progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()          # nothing was written: leave no empty folder behind
+        raise
     write_csv(table, out / "bias.csv")
     write_json({"command": " ".join(argv) if argv is not None else "run_bias()",
                 "started": _dt.datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
@@ -215,3 +231,66 @@ def run_bias(config: BiasConfig, *, argv: Sequence[str] | None = None,
                 "task_description": spec.description}, out / "meta.json")
     return out, table
 
+
+def _measure(config: BiasConfig, problem: Any, routes: list[OptimizerChoice], reference: OptimizerChoice,
+             progress: Callable[[str], None] | None) -> tuple[pd.DataFrame, float]:
+    """Train to the point, then sum each route's estimates and the exact squares over the samples."""
+    model = problem.model
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    hvp = product_fn(problem, params)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+        if progress:
+            progress(f"training {reference.label} to step {config.at_step}")
+        last_loss = _train_to(problem, reference, config.task, config.seed, config.at_step)
+        gen = torch.Generator(device=params[0].device)
+        gen.manual_seed(config.seed + _PROBE_SEED)     # other probes than the reference's training steps
+        # Per sample and parameter tensor: the sum of the exact squares and of each route's estimates;
+        # per element, the sums over samples (for the floored ratio).
+        exact = torch.zeros(config.samples, len(params), dtype=torch.float64)
+        ests = torch.zeros(len(routes), config.samples, len(params), dtype=torch.float64)
+        exact_el = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        est_el = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in routes]
+        floor_el = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in routes]
+        used: dict[str, str] = {}
+        rows = 0
+        for i in range(config.samples):
+            if progress:
+                progress(f"sample {i + 1}/{config.samples}")
+            batch = next(problem.batches)
+            rows = _rows(batch)
+            probe = [rademacher(p.shape, gen, p.device, p.dtype) for p in params]
+            squares = [(h * h).double() for h in hvp(batch, probe)]
+            exact[i] = torch.stack([q.sum() for q in squares])
+            for acc, q in zip(exact_el, squares):
+                acc += q
+            for r, choice in enumerate(routes):
+                parts, _ = _parts(choice, batch)
+                used[choice.label] = " x ".join([str(len(parts))] * (len(parts) > 1) + [str(_rows(parts[0]))])
+                e, floors = estimate(choice, hvp, batch, probe)
+                e = [x.double() for x in e]
+                ests[r, i] = torch.stack([x.sum() for x in e])
+                each_step = floors is not None and _floors_each_step(choice)
+                for j, x in enumerate(e):
+                    f = floors[j].double() if floors is not None else x
+                    est_el[r][j] += torch.maximum(x, f) if each_step else x
+                    floor_el[r][j] += torch.maximum(x, f) if each_step else f
+            if not bool(exact[i].isfinite().all() and ests[:, i].isfinite().all()):
+                raise BenchError(f"bias: a product on {config.task} was not finite (sample {i + 1})")
+    boot = torch.Generator().manual_seed(config.seed)
+    out = []
+    for r, choice in enumerate(routes):
+        # What the optimizer divides by, per element: the larger of the averaged estimate and floor.
+        floored = [torch.maximum(e, f) for e, f in zip(est_el[r], floor_el[r])]
+        parts = [("all", sum(p.numel() for p in params), ests[r].sum(1), exact.sum(1),
+                  sum(float(x.sum()) for x in floored) / sum(float(x.sum()) for x in exact_el))]
+        parts += [(n, p.numel(), ests[r, :, j], exact[:, j], float(floored[j].sum() / exact_el[j].sum()))
+                  for j, (n, p) in enumerate(named)]
+        for name, numel, est, ex, fl in parts:
+            ratio, low, high = _ratio(est, ex, boot) if float(ex.sum()) > 0 else (math.nan,) * 3
+            out.append({"task": config.task, "route": choice.label, "reference": reference.label,
+                        "rows": used[choice.label], "batch_rows": rows, "parameter": name, "numel": numel,
+                        "ratio": ratio, "low": low, "high": high, "floored": fl if math.isfinite(fl) else math.nan,
+                        "at_step": config.at_step, "samples": config.samples, "seed": config.seed})
+    return pd.DataFrame(out), last_loss
