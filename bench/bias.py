@@ -13,6 +13,9 @@ Reported, for the whole model and for each parameter tensor:
 * ``ratio``: the sum of the estimates over the sum of the exact squares, over elements and samples (a
   summary weighted by curvature: per element the ratio varies), with a 95% interval from resampling
   the samples;
+* ``top_share``: the largest single sample's share of the estimates' (absolute) sum.  Where it is
+  large the estimates are heavy-tailed: the mean of a few dozen of them then usually falls below its
+  expectation, and the resampled interval is too narrow;
 * ``floored``: the same with the paired estimate's noise floor applied as the optimizer applies it:
   per element, the larger of the averaged estimate and the averaged floor (or, for an optimizer that
   floors each step, ``d_max`` and ``ESGDMax``, the average of each step's larger one).  For a sub-batch
@@ -292,5 +295,7 @@ def _measure(config: BiasConfig, problem: Any, routes: list[OptimizerChoice], re
             out.append({"task": config.task, "route": choice.label, "reference": reference.label,
                         "rows": used[choice.label], "batch_rows": rows, "parameter": name, "numel": numel,
                         "ratio": ratio, "low": low, "high": high, "floored": fl if math.isfinite(fl) else math.nan,
+                        "top_share": float(est.abs().max() / est.abs().sum()) if float(est.abs().sum()) > 0
+                        else math.nan,
                         "at_step": config.at_step, "samples": config.samples, "seed": config.seed})
     return pd.DataFrame(out), last_loss

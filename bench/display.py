@@ -204,12 +204,14 @@ def bias_table(table: pd.DataFrame) -> Table:
                     f"{first['reference']}, {int(first['samples'])} batches of {int(first['batch_rows'])} rows",
               caption="1 = centred on the whole batch's squared product; above 1, larger denominators and smaller "
                       "steps. Sums over elements (weighted by curvature); interval: 95%, resampling the batches; "
-                      "floored: with the paired estimate's noise floor, as the optimizer applies it")
-    for col in ("route", "rows per product", "ratio", "95% interval", "floored", "per tensor: min - max"):
+                      "floored: with the paired estimate's noise floor, as the optimizer applies it; top: the "
+                      "largest batch's share of the estimates' sum (large: heavy tails, the interval too narrow)")
+    for col in ("route", "rows per product", "ratio", "95% interval", "floored", "top", "per tensor: min - max"):
         t.add_column(col, justify="left" if col == "route" else "right")
     for route, g in table.groupby("route", sort=False):
         whole = g[g["parameter"] == "all"].iloc[0]
         each = g[g["parameter"] != "all"]["ratio"]
         t.add_row(route, str(whole["rows"]), _f(whole["ratio"]), f"{_f(whole['low'])} - {_f(whole['high'])}",
-                  _f(whole["floored"]), f"{_f(each.min())} - {_f(each.max())}" if len(each) else "-")
+                  _f(whole["floored"]), _f(whole.get("top_share")),
+                  f"{_f(each.min())} - {_f(each.max())}" if len(each) else "-")
     return t

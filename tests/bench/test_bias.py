@@ -70,6 +70,7 @@ def test_the_paired_estimate_is_centred_and_the_sub_batch_inflated(tmp_path):
     assert 2.5 < sub["low"] and sub["high"] < 5 and sub["low"] > pair["high"]
     # The floor can only raise the denominators; a sub-batch has none.
     assert pair["floored"] >= pair["ratio"] and sub["floored"] == pytest.approx(sub["ratio"])
+    assert 1 / 96 <= pair["top_share"] < 0.5 and 1 / 96 <= sub["top_share"] < 0.5
     # The model, then each of the depth-2 MLP's three weights and three biases.
     assert (table.groupby("route")["parameter"].nunique() == 1 + 6).all()
 
@@ -113,7 +114,8 @@ def test_cli_prints_the_table_and_writes_the_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert "esgd-m-pair" in result.output and "2 x 8" in result.output
     frame = pd.read_csv(out / "bias.csv")
-    assert {"route", "parameter", "ratio", "low", "high", "floored", "rows", "samples"} <= set(frame.columns)
+    assert {"route", "parameter", "ratio", "low", "high", "floored", "top_share", "rows", "samples"} \
+        <= set(frame.columns)
 
 
 @pytest.mark.parametrize("args, says", [
