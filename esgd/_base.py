@@ -505,18 +505,12 @@ class HessianOptimizer(Optimizer):
             return
         params, a, b = list(params), list(a), list(b)
         held = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        name = type(self).__name__
         if len(a) != len(params) or len(b) != len(params) or set(params) != set(held):
-            raise ValueError(f"{name}: accumulate_product_pair needs one product of each half for every "
-                             f"parameter the optimizer holds ({len(held)}); got {len(params)} parameters, "
-                             f"{len(a)} and {len(b)} products")
-        for p, x, y in zip(params, a, b):
-            if p not in self._probes:
-                raise RuntimeError(f"{name}: a product was given for a parameter without a probe this step; "
-                                   "take the probes from opt.hvp_probes(params) first")
-            if x.shape != p.shape or y.shape != p.shape:
-                raise ValueError(f"{name}: products of shapes {tuple(x.shape)} and {tuple(y.shape)} were "
-                                 f"given for a parameter of shape {tuple(p.shape)}")
+            raise ValueError(f"{type(self).__name__}: accumulate_product_pair needs one product of each half "
+                             f"for every parameter the optimizer holds ({len(held)}); got {len(params)} "
+                             f"parameters, {len(a)} and {len(b)} products")
+        self._check_products("accumulate_product_pair", params, a)
+        self._check_products("accumulate_product_pair", params, b)
         keep = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
         self._hvp_pair = ({p: keep(x) for p, x in zip(params, a)}, {p: keep(y) for p, y in zip(params, b)},
                           float(covers))
@@ -565,14 +559,19 @@ class HessianOptimizer(Optimizer):
         saves a copy of every product; the caller must not use them afterwards."""
         if not (self.is_hvp_step() and self.hvp_method == "autograd"):
             return
-        name = type(self).__name__
         params, products = list(params), list(products)
+        if self._hvp_pair is not None and len(params) == len(products):    # a miscount is reported first
+            raise RuntimeError(f"{type(self).__name__}: this step already has a paired estimate "
+                               "(accumulate_hvp_pair), so it takes no other product")
+        self._check_products("accumulate_products", params, products)
+        # copied unless handed over: the sum is added to in place, and the caller's tensors are the caller's
+        self._fold(params, [h.detach().clone() if copy else h.detach() for h in products])
+
+    def _check_products(self, method: str, params: list[torch.Tensor], products: list[torch.Tensor]) -> None:
+        """Products handed in by a caller: one per parameter, of its shape, for a parameter probed this step."""
+        name = type(self).__name__
         if len(params) != len(products):
-            raise ValueError(f"{name}: accumulate_products got {len(products)} products for "
-                             f"{len(params)} parameters")
-        if self._hvp_pair is not None:
-            raise RuntimeError(f"{name}: this step already has a paired estimate (accumulate_hvp_pair), so "
-                               "it takes no other product")
+            raise ValueError(f"{name}: {method} got {len(products)} products for {len(params)} parameters")
         for p, h in zip(params, products):
             if p not in self._probes:
                 raise RuntimeError(f"{name}: a product was given for a parameter without a probe this step; "
@@ -580,8 +579,6 @@ class HessianOptimizer(Optimizer):
             if h.shape != p.shape:
                 raise ValueError(f"{name}: a product of shape {tuple(h.shape)} was given for a parameter of "
                                  f"shape {tuple(p.shape)}")
-        # copied unless handed over: the sum is added to in place, and the caller's tensors are the caller's
-        self._fold(params, [h.detach().clone() if copy else h.detach() for h in products])
 
     def _fold(self, params: list[torch.Tensor], hvps: list[torch.Tensor]) -> None:
         """Add ``hvps``, tensors the optimizer may keep and add to in place, into this step's sums."""
