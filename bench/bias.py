@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 
 import tasks
+from esgd import ESGDMax
 from esgd._base import paired_estimate, rademacher
 from esgd.attention import hvp_attention
 from tasks import TaskConfig
@@ -86,7 +87,7 @@ def _check(choice: OptimizerChoice) -> OptimizerChoice:
     if not choice.second_order or not getattr(choice.spec.factory, "squares_products", False):
         raise BenchError(f"bias: {choice.label} does not build its curvature from the squared product "
                          "(H z)^2; choose an ESGD route such as esgd-m-sub or esgd-m-pair")
-    if {**choice.spec.defaults, **choice.given}.get("hvp_method", "autograd") != "autograd" or choice.hvp_compiled:
+    if choice.setting("hvp_method", "autograd") != "autograd" or choice.hvp_compiled:
         raise BenchError(f"bias: {choice.label}: only the double-backward product of a sub-batch or two "
                          "halves is measured here (no hvp_method or hvp_compiled)")
     return choice
@@ -107,10 +108,16 @@ def _whole_batch(choice: OptimizerChoice, batch: Any, rows: int) -> bool:
     return covers >= 1 if len(parts) == 2 else _rows(parts[0]) == rows
 
 
+def _rows_text(choice: OptimizerChoice, batch: Any) -> str:
+    """The rows one product of the route takes, as the table shows them: ``2 x 8`` or ``16``."""
+    parts, _ = _parts(choice, batch)
+    return f"2 x {_rows(parts[0])}" if len(parts) == 2 else str(_rows(parts[0]))
+
+
 def _floors_each_step(choice: OptimizerChoice) -> bool:
     """Whether the optimizer floors each step's paired estimate (a running maximum) instead of the average."""
-    return bool({**choice.spec.defaults, **choice.given}.get("d_max", False)) \
-        or getattr(choice.spec.factory, "__name__", "") == "ESGDMax"
+    factory = choice.spec.factory
+    return bool(choice.setting("d_max", False)) or (isinstance(factory, type) and issubclass(factory, ESGDMax))
 
 
 def product_fn(problem: Any, params: list[torch.Tensor]) -> Callable[[Any, list], list]:
@@ -217,8 +224,9 @@ def run_bias(config: BiasConfig, *, argv: Sequence[str] | None = None,
         Path("results") / f"bias-{config.task}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     created = not out.exists()
     check_folder(out)
+    used = {choice.label: _rows_text(choice, first) for choice in routes}   # every batch has ``rows`` rows
     try:
-        table, last_loss = _measure(config, problem, routes, reference, progress)
+        table, last_loss = _measure(config, problem, routes, reference, used, rows, progress)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()          # nothing was written: leave no empty folder behind
@@ -236,6 +244,7 @@ def run_bias(config: BiasConfig, *, argv: Sequence[str] | None = None,
 
 
 def _measure(config: BiasConfig, problem: Any, routes: list[OptimizerChoice], reference: OptimizerChoice,
+             used: dict[str, str], rows: int,
              progress: Callable[[str], None] | None) -> tuple[pd.DataFrame, float]:
     """Train to the point, then sum each route's estimates and the exact squares over the samples."""
     model = problem.model
@@ -256,21 +265,16 @@ def _measure(config: BiasConfig, problem: Any, routes: list[OptimizerChoice], re
         exact_el = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         est_el = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in routes]
         floor_el = [[torch.zeros_like(p, dtype=torch.float64) for p in params] for _ in routes]
-        used: dict[str, str] = {}
-        rows = 0
         for i in range(config.samples):
             if progress:
                 progress(f"sample {i + 1}/{config.samples}")
             batch = next(problem.batches)
-            rows = _rows(batch)
             probe = [rademacher(p.shape, gen, p.device, p.dtype) for p in params]
             squares = [(h * h).double() for h in hvp(batch, probe)]
             exact[i] = torch.stack([q.sum() for q in squares])
             for acc, q in zip(exact_el, squares):
                 acc += q
             for r, choice in enumerate(routes):
-                parts, _ = _parts(choice, batch)
-                used[choice.label] = " x ".join([str(len(parts))] * (len(parts) > 1) + [str(_rows(parts[0]))])
                 e, floors = estimate(choice, hvp, batch, probe)
                 e = [x.double() for x in e]
                 ests[r, i] = torch.stack([x.sum() for x in e])

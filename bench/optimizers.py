@@ -109,17 +109,21 @@ class OptimizerChoice:
         """The learning rate fixed in the choice itself (``adam:lr=3e-4``), else ``None``."""
         return self.given.get("lr")
 
+    def setting(self, key: str, default: Any = None) -> Any:
+        """``key`` as the user gave it, else the entry's default, else ``default``."""
+        return self.given.get(key, self.spec.defaults.get(key, default))
+
     @property
     def hvp_fraction(self) -> float:
-        return float(self.given.get("hvp_fraction", self.spec.defaults.get("hvp_fraction", 1.0)))
+        return float(self.setting("hvp_fraction", 1.0))
 
     @property
     def hvp_paired(self) -> bool:
-        return bool(self.given.get("hvp_paired", self.spec.defaults.get("hvp_paired", False)))
+        return bool(self.setting("hvp_paired", False))
 
     @property
     def hvp_compiled(self) -> bool:
-        return bool(self.given.get("hvp_compiled", self.spec.defaults.get("hvp_compiled", False)))
+        return bool(self.setting("hvp_compiled", False))
 
     @property
     def label(self) -> str:
