@@ -647,8 +647,8 @@ def perf(task: Annotated[str, typer.Option(help="mnist, mnist-cnn, cifar, charlm
          profile: Annotated[bool, typer.Option("--profile", help="Also profile where each exact product's "
                                                                  "time goes (profile.csv).")] = False,
          option: _Option = None) -> None:
-    """Step cost of ESGD-M (exact, sub-batch, paired and finite-difference HVP), ESGD, SGD and Adam, as
-    ratios to Adam, each exact route against its arithmetic floor."""
+    """Step cost of ESGD-M (exact, sub-batch, paired and finite-difference HVP, and the exact one every 40
+    steps), ESGD, SGD and Adam, as ratios to Adam, each exact route against its arithmetic floor."""
     from bench.perf import ALL_TASKS
     names = list(ALL_TASKS) if task == "all" else [task]
     _choice("--task", task, ALL_TASKS + ("all",))

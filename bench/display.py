@@ -146,7 +146,11 @@ def perf_table(table: pd.DataFrame) -> list[Table]:
                     "floor / Adam", "peak mem / Adam", "mem above start / Adam"):
             t.add_column(col, justify="left" if col in ("optimizer", "HVP route") else "right")
         for r in g.to_dict("records"):
-            t.add_row(r["optimizer"], r["hvp_route"] or "-", _f(r["fb_ms"], "{:.1f}"),
+            route = r["hvp_route"] if isinstance(r["hvp_route"], str) else ""
+            every = r.get("hvp_every")
+            if route and isinstance(every, (int, float)) and math.isfinite(every):
+                route += f", 1 in {int(every)}"
+            t.add_row(r["optimizer"], route or "-", _f(r["fb_ms"], "{:.1f}"),
                       _f(r["update_ms"], "{:.2f}"), _f(r.get("update_vs_adam")), _f(r["hvp_step_ms"], "{:.1f}"),
                       _f(r["hvp_grad_evals"]), _f(r.get("hvp_flop_evals")), _f(r["amortised_ms"], "{:.1f}"),
                       _f(r.get("amortised_vs_adam")), _f(r.get("floor_vs_adam")),

@@ -17,7 +17,8 @@ Ratios of compiled variants are to eager Adam. Derived figures: ``hvp_extra`` = 
 costs); ``hvp_flop_evals``, the same by counting matmul and convolution FLOPs (``torch.utils.flop_counter``
 over one HVP step and one plain step): the product's arithmetic floor, which kernels can approach but
 not beat; ``amortised`` = (9 plain + 1 HVP) / 10, one exact product every 10 steps (the schedule with
-``update_d_every=10``, after its 20-step warm-up); ``floor_vs_adam`` = (9 plain + (plain +
+``update_d_every=10``, after its 20-step warm-up; a variant whose entry sets another interval, such as
+``esgd-m-lazy``'s 40, is amortised over its own); ``floor_vs_adam`` = (9 plain + (plain +
 ``hvp_flop_evals`` x forward+backward)) / 10 against Adam's step, the amortised step if the product ran at
 the speed of a forward+backward, per round (:mod:`bench.targets` holds exact routes to it). A
 parameter-count sweep times MLPs of about 0.1 M, 1 M and 10 M parameters. Peak memory: each (task, variant) trains a few steps, HVP steps included, in a fresh
@@ -54,9 +55,8 @@ from .errors import BenchError
 from .optimizers import OptimizerChoice, parse_optimizer
 from .memory import peak_memory
 from .steps import StepRoute, check_precision, compile_in_place, compiled_extras
-from .targets import CHEAP_ROUTES, TARGETS, floor_flops, target_checks
+from .targets import CHEAP_ROUTES, HVP_EVERY, TARGETS, floor_flops, summarise, target_checks
 from .store import check_folder, write_csv, write_json
-from .timing import median
 
 __all__ = ["PerfConfig", "Variant", "VARIANTS", "SWEEP_WIDTHS", "TARGETS", "run_perf", "target_checks"]
 
@@ -65,11 +65,18 @@ __all__ = ["PerfConfig", "Variant", "VARIANTS", "SWEEP_WIDTHS", "TARGETS", "run_
 class Variant:
     label: str
     spec: str            # the optimizer as the command line writes it
-    route: str           # how the product is taken: exact, sub-batch, finite-difference, or "" (none)
+    route: str           # how the product is taken: exact, sub-batch, paired, finite-difference, lazy
+                         # (exact, less often), or "" (none)
 
     @property
     def choice(self) -> OptimizerChoice:
         return parse_optimizer(self.spec)
+
+    @property
+    def every(self) -> int:
+        """One product in this many steps once warmed up: the choice's own ``update_d_every`` where it
+        sets one (``esgd-m-lazy``), else the ten steps every exact route is compared at."""
+        return int(self.choice.setting("update_d_every", HVP_EVERY)) if self.choice.second_order else HVP_EVERY
 
 
 VARIANTS = (Variant("esgd-m", "esgd-m", "exact"),
@@ -78,11 +85,12 @@ VARIANTS = (Variant("esgd-m", "esgd-m", "exact"),
             Variant("esgd-m-pair", "esgd-m-pair", "paired"),
             Variant("esgd-m-pair-compiled", "esgd-m-pair:hvp_compiled=true", "paired"),
             Variant("esgd-m-fd", "esgd-m:hvp_method=finite-difference", "finite-difference"),
+            Variant("esgd-m-lazy", "esgd-m-lazy", "lazy"),
+            Variant("esgd-m-lazy-compiled", "esgd-m-lazy:hvp_compiled=true", "lazy"),
             Variant("esgd", "esgd", "exact"), Variant("sgd", "sgd", ""), Variant("adam", "adam", ""))
 SWEEP_VARIANTS = ("esgd-m", "esgd-m-sub", "adam")
 MEMORY_VARIANTS = ("esgd-m", "esgd-m-compiled", "esgd-m-sub", "esgd-m-pair", "esgd-m-fd", "adam")  # sweep: esgd-m, adam
 SWEEP_WIDTHS = (110, 678, 2789)        # 784-w-w-10 MLPs of 0.10 M, 1.00 M and 10.0 M parameters
-HVP_EVERY = 10                         # amortisation: one HVP step in this many
 ALL_TASKS = ("mnist", "mnist-cnn", "cifar", "charlm")
 _ROUNDS = {"cifar": 5, "mnist-cnn": 5, "charlm": 4}    # default rounds per task (others: PerfConfig.rounds)
 TIMING_LR = 1e-4
@@ -229,40 +237,6 @@ def _measure(trainers: dict[str, _Trainer], rounds: int, warmup: int,
     return samples
 
 
-def _summarise(samples: dict[str, list[dict[str, float]]], ref: str = "adam",
-               flop_evals: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
-    """Medians per variant and medians over rounds of the within-round ratios to ``ref``.
-
-    With ``flop_evals`` (the product's FLOP-counted cost in gradient evaluations, per variant) also
-    ``floor_vs_adam``: the amortised step the variant would take if its product ran at the speed of its
-    own forward+backward, (9 plain + (plain + flop_evals x fwd+bwd)) / 10, against Adam's step."""
-    out = {}
-    flop_evals = flop_evals or {}
-    for label, rows in samples.items():
-        s = {k: median([r[k] for r in rows]) for k in ("fb_ms", "update_ms", "plain_ms", "hvp_step_ms")}
-        per_round = []
-        for r in rows:
-            hvp = r["hvp_step_ms"]
-            per_round.append(r["plain_ms"] if math.isnan(hvp) else ((HVP_EVERY - 1) * r["plain_ms"] + hvp) / HVP_EVERY)
-        s["amortised_ms"] = median(per_round)
-        s["hvp_extra_ms"] = s["hvp_step_ms"] - s["plain_ms"]
-        s["hvp_grad_evals"] = s["hvp_extra_ms"] / s["fb_ms"]
-        s["hvp_step_vs_fb"] = s["hvp_step_ms"] / s["fb_ms"]
-        if ref in samples:
-            refs = samples[ref]
-            ref_amortised = [x["plain_ms"] for x in refs]
-            s["amortised_vs_adam"] = median([a / b for a, b in zip(per_round, ref_amortised)])
-            s["update_vs_adam"] = median([a["update_ms"] / b["update_ms"] for a, b in zip(rows, refs)])
-            s["fb_vs_adam"] = median([a["fb_ms"] / b["fb_ms"] for a, b in zip(rows, refs)])
-            if label in flop_evals and math.isfinite(flop_evals[label]):
-                s["hvp_flop_evals"] = flop_evals[label]
-                s["floor_vs_adam"] = median([(a["plain_ms"] + flop_evals[label] * a["fb_ms"] / HVP_EVERY)
-                                             / b["plain_ms"] for a, b in zip(rows, refs)])
-                s["amortised_vs_floor"] = s["amortised_vs_adam"] / s["floor_vs_adam"]
-        out[label] = s
-    return out
-
-
 def _applies(variant: Variant, compiled: bool, precision: str) -> bool:
     """Whether ``variant`` is timed in this mode: with the model compiled, second order is finite
     differences already, so the cheap and the compiled-product variants would repeat it; fp16's loss
@@ -328,7 +302,8 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                     hvp_flops, plain_flops = t.flops()
                     own_flops[key] = (hvp_flops - plain_flops) / plain_flops if plain_flops else math.nan
             routes = {k: t.variant.route for k, t in trainers.items()}
-            summary = _summarise(samples, flop_evals=floor_flops(own_flops, routes))
+            summary = summarise(samples, flop_evals=floor_flops(own_flops, routes),
+                                 every={k: t.variant.every for k, t in trainers.items()})
             for key, s in summary.items():
                 label, _, mode = key.partition("@")
                 t = trainers[key]
@@ -359,7 +334,7 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                                   options={"width": w})
                 trainers = {v.label: _Trainer("mnist", v, tcfg, False, config.precision)
                             for v in config.variants if v.label in SWEEP_VARIANTS}
-                summary = _summarise(_measure(trainers, max(3, (config.rounds or 12) // 4), 1))
+                summary = summarise(_measure(trainers, max(3, (config.rounds or 12) // 4), 1))
                 for label, s in summary.items():
                     t = trainers[label]
                     rows.append({"section": "sweep", "task": f"mlp-{w}", "mode": "eager", "optimizer": label,

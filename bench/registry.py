@@ -112,6 +112,12 @@ register_optimizer(OptimizerSpec(
                 "(not under BatchNorm; esgd-bench bias measures it)",
     defaults={"hvp_fraction": 0.125, "hvp_paired": True}, lrs=_ESGD_M_LRS))
 register_optimizer(OptimizerSpec(
+    name="esgd-m-lazy", factory=ESGD, second_order=True,
+    description="ESGD-M with the exact product of the whole batch every 40 steps instead of 10 "
+                "(update_d_every=40): a quarter of the products, no sub-batch bias; add hvp_compiled=true "
+                "for the compiled product",
+    defaults={"update_d_every": 40}, lrs=_ESGD_M_LRS))
+register_optimizer(OptimizerSpec(
     name="esgd-m-max", factory=ESGDMax, second_order=True,
     description="ESGD-M keeping max(beta2 * d, (Hz)^2), an infinity norm, instead of the EMA (esgd.ESGDMax)",
     lrs={"*": 0.3, "mnist": 0.3, "rosenbrock": 10.0, "quadratic": 1.0}))

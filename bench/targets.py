@@ -1,10 +1,11 @@
-"""The performance targets of ``esgd-bench perf``, and whether a measured table meets them.
+"""The ratios ``esgd-bench perf`` reports from its timed rounds, its performance targets, and whether a
+measured table meets them.
 
 An exact Hessian-vector product is held to its own arithmetic floor (the amortised step it would take
 if the product ran at the speed of a forward+backward, by its counted FLOPs), since a fixed bound asks
 the impossible of a model whose product has more arithmetic; a cheap estimate (sub-batch, paired,
-finite differences) is held to a fixed fraction above Adam's step; the plain update and peak memory
-to fixed ratios to Adam's.
+finite differences, or the exact product taken less often: ``lazy``) is held to a fixed fraction above
+Adam's step; the plain update and peak memory to fixed ratios to Adam's.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["TARGETS", "CHEAP_ROUTES", "target_checks", "floor_flops"]
+from .timing import median
 
-CHEAP_ROUTES = ("sub-batch", "paired", "finite-difference")
+__all__ = ["TARGETS", "CHEAP_ROUTES", "HVP_EVERY", "summarise", "target_checks", "floor_flops"]
+
+CHEAP_ROUTES = ("sub-batch", "paired", "finite-difference", "lazy")
 TARGETS = {"update_vs_adam": 0.90, "amortised_exact_vs_floor": 1.05, "amortised_cheap_vs_adam": 1.07,
            "peak_mem_vs_adam": 1.2}
+HVP_EVERY = 10              # amortisation: one HVP step in this many, unless a variant sets its own
 
 
 def target_checks(table: pd.DataFrame) -> list[dict[str, Any]]:
@@ -60,3 +64,41 @@ def floor_flops(own: dict[str, float], routes: dict[str, str]) -> dict[str, floa
     exact = [v for k, v in own.items() if routes[k] == "exact" and math.isfinite(v)]
     least = min(exact) if exact else math.nan
     return {k: least if routes[k] == "exact" else v for k, v in own.items()}
+
+
+def summarise(samples: dict[str, list[dict[str, float]]], ref: str = "adam",
+              flop_evals: dict[str, float] | None = None,
+              every: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+    """Medians per variant and medians over rounds of the within-round ratios to ``ref``.
+
+    A variant's amortised step is ((n - 1) plain + 1 HVP) / n with n its entry in ``every`` (default
+    10).  With ``flop_evals`` (the product's FLOP-counted cost in gradient evaluations, per variant) also
+    ``floor_vs_adam``: the amortised step the variant would take if its product ran at the speed of its
+    own forward+backward, ((n - 1) plain + (plain + flop_evals x fwd+bwd)) / n, against Adam's step."""
+    out = {}
+    flop_evals, every = flop_evals or {}, every or {}
+    for label, rows in samples.items():
+        n = every.get(label, HVP_EVERY)
+        s = {k: median([r[k] for r in rows]) for k in ("fb_ms", "update_ms", "plain_ms", "hvp_step_ms")}
+        per_round = []
+        for r in rows:
+            hvp = r["hvp_step_ms"]
+            per_round.append(r["plain_ms"] if math.isnan(hvp) else ((n - 1) * r["plain_ms"] + hvp) / n)
+        s["amortised_ms"] = median(per_round)
+        s["hvp_extra_ms"] = s["hvp_step_ms"] - s["plain_ms"]
+        s["hvp_grad_evals"] = s["hvp_extra_ms"] / s["fb_ms"]
+        s["hvp_step_vs_fb"] = s["hvp_step_ms"] / s["fb_ms"]
+        if ref in samples:
+            refs = samples[ref]
+            ref_amortised = [x["plain_ms"] for x in refs]
+            s["amortised_vs_adam"] = median([a / b for a, b in zip(per_round, ref_amortised)])
+            s["update_vs_adam"] = median([a["update_ms"] / b["update_ms"] for a, b in zip(rows, refs)])
+            s["fb_vs_adam"] = median([a["fb_ms"] / b["fb_ms"] for a, b in zip(rows, refs)])
+            if label in flop_evals and math.isfinite(flop_evals[label]):
+                s["hvp_flop_evals"] = flop_evals[label]
+                s["floor_vs_adam"] = median([(a["plain_ms"] + flop_evals[label] * a["fb_ms"] / n)
+                                             / b["plain_ms"] for a, b in zip(rows, refs)])
+                s["amortised_vs_floor"] = s["amortised_vs_adam"] / s["floor_vs_adam"]
+        s["hvp_every"] = n
+        out[label] = s
+    return out

@@ -274,11 +274,25 @@ def test_floor_is_the_step_with_the_product_at_forward_backward_speed():
     """Hand-worked: ESGD-M's plain step 10 + 2 ms, its HVP step 60 ms, Adam's step 10 + 4 ms; a product
     of 2 gradient evaluations of FLOPs at 10 ms each would add 20 ms every ten steps."""
     samples = {"esgd-m": [_round(10, 2, 60)] * 3, "adam": [_round(10, 4)] * 3}
-    s = pf._summarise(samples, flop_evals={"esgd-m": 2.0})
+    s = pf.summarise(samples, flop_evals={"esgd-m": 2.0})
     assert s["esgd-m"]["amortised_vs_adam"] == pytest.approx((9 * 12 + 60) / 10 / 14)
     assert s["esgd-m"]["floor_vs_adam"] == pytest.approx((12 + 2.0 * 10 / 10) / 14)
     assert s["esgd-m"]["amortised_vs_floor"] == pytest.approx(16.8 / 14.0)
     assert "floor_vs_adam" not in s["adam"]
+
+
+def test_a_variant_is_amortised_over_its_own_interval():
+    """Hand-worked: the same steps as above with one product in 40 steps (esgd-m-lazy's entry) instead of
+    10; the interval comes from the registry entry, not from a second copy of it in the benchmark."""
+    samples = {"esgd-m-lazy": [_round(10, 2, 60)] * 3, "adam": [_round(10, 4)] * 3}
+    s = pf.summarise(samples, flop_evals={"esgd-m-lazy": 2.0}, every={"esgd-m-lazy": 40})
+    assert s["esgd-m-lazy"]["amortised_vs_adam"] == pytest.approx((39 * 12 + 60) / 40 / 14)
+    assert s["esgd-m-lazy"]["floor_vs_adam"] == pytest.approx((12 + 2.0 * 10 / 40) / 14)
+    assert s["esgd-m-lazy"]["hvp_every"] == 40 and s["adam"]["hvp_every"] == 10
+    every = {v.label: v.every for v in pf.VARIANTS}
+    assert every["esgd-m-lazy"] == parse_optimizer("esgd-m-lazy").spec.defaults["update_d_every"] == 40
+    assert every["esgd-m"] == every["esgd"] == every["esgd-m-pair"] == pf.HVP_EVERY
+    assert pf.Variant("x", "esgd-m:update_d_every=25", "lazy").every == 25
 
 
 def test_exact_routes_are_held_to_their_floor_and_cheap_ones_to_a_fixed_bound():
@@ -286,12 +300,15 @@ def test_exact_routes_are_held_to_their_floor_and_cheap_ones_to_a_fixed_bound():
              "amortised_vs_adam": a, "floor_vs_adam": f, "update_vs_adam": 0.5}
             for o, r, a, f in (("esgd-m", "exact", 1.26, 1.20), ("esgd", "exact", 1.27, 1.20),
                                ("esgd-m-pair", "paired", 1.06, math.nan), ("esgd-m-sub", "sub-batch", 1.08, math.nan),
+                               ("esgd-m-lazy", "lazy", 1.05, 1.02),
                                ("adam", "", 1.0, math.nan))]
     checks = {c["optimizer"]: c for c in pf.target_checks(pd.DataFrame(rows)) if "amortised" in c["target"]}
     assert checks["esgd-m"]["bound"] == pytest.approx(1.26) and checks["esgd-m"]["met"]
     assert checks["esgd-m"]["floor"] == 1.20 and not checks["esgd"]["met"]
     assert checks["esgd-m-pair"]["bound"] == 1.07 and checks["esgd-m-pair"]["met"]
     assert not checks["esgd-m-sub"]["met"] and "adam" not in checks
+    # the exact product taken less often is a cheap route: held to the fixed bound, not to its own floor
+    assert checks["esgd-m-lazy"]["bound"] == 1.07 and checks["esgd-m-lazy"]["floor"] is None
 
 
 def test_profile_splits_the_product_into_categories(tmp_path):
