@@ -17,10 +17,10 @@ Ratios of compiled variants are to eager Adam. Derived figures: ``hvp_extra`` = 
 costs); ``hvp_flop_evals``, the same by counting matmul and convolution FLOPs (``torch.utils.flop_counter``
 over one HVP step and one plain step): the product's arithmetic floor, which kernels can approach but
 not beat; ``amortised`` = (9 plain + 1 HVP) / 10, one exact product every 10 steps (the schedule with
-``update_d_every=10``, after its 20-step warm-up; a variant whose entry sets another interval, such as
-``esgd-m-lazy``'s 40, is amortised over its own); ``floor_vs_adam`` = (9 plain + (plain +
-``hvp_flop_evals`` x forward+backward)) / 10 against Adam's step, the amortised step if the product ran at
-the speed of a forward+backward, per round (:mod:`bench.targets` holds exact routes to it). A
+``update_d_every=10``, after its 20-step warm-up; a variant whose entry sets another interval n, such as
+``esgd-m-lazy``'s 40, is amortised over its own: ((n - 1) plain + 1 HVP) / n); ``floor_vs_adam`` = (9
+plain + (plain + ``hvp_flop_evals`` x forward+backward)) / 10 (over n steps likewise) against Adam's step,
+the amortised step if the product ran at the speed of a forward+backward, per round (:mod:`bench.targets` holds exact routes to it). A
 parameter-count sweep times MLPs of about 0.1 M, 1 M and 10 M parameters. Peak memory: each (task, variant) trains a few steps, HVP steps included, in a fresh
 process forked from a server that has imported torch only, after one untimed cycle (a compiled product
 compiles there); CPU: the peak resident set size (``VmHWM``) over the measured steps, and its rise above

@@ -60,10 +60,12 @@ def floor_flops(own: dict[str, float], routes: dict[str, str]) -> dict[str, floa
     """The product cost (in gradient evaluations) each variant's floor is built on, from each variant's
     own FLOP count and route: a cheap route's own count; for the exact routes, the fewest FLOPs any of
     them counts, since they compute the same product (forward-over-reverse counts more than the double
-    backward on some models), so no exact route is excused its extra work."""
-    exact = [v for k, v in own.items() if routes[k] == "exact" and math.isfinite(v)]
+    backward on some models), so no exact route is excused its extra work.  The exact product taken less
+    often (``lazy``) is the same product, so its floor is built on the same count."""
+    whole = ("exact", "lazy")
+    exact = [v for k, v in own.items() if routes[k] in whole and math.isfinite(v)]
     least = min(exact) if exact else math.nan
-    return {k: least if routes[k] == "exact" else v for k, v in own.items()}
+    return {k: least if routes[k] in whole else v for k, v in own.items()}
 
 
 def summarise(samples: dict[str, list[dict[str, float]]], ref: str = "adam",

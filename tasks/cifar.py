@@ -17,7 +17,7 @@ from torch import nn
 from . import data
 from .base import Problem, TaskConfig, TaskSpec, resolve_options
 
-OPTIONS = {"arch": "resnet20", "augment": True, "eval_size": 0}
+OPTIONS = {"arch": "resnet20", "augment": True, "eval_size": 0, "channels_last": False}
 BATCH_SIZE = 128
 DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}
 
@@ -75,6 +75,8 @@ def build(config: TaskConfig) -> Problem:
     ds = (data.synthetic_images((3, 32, 32), 10, 2048, 256, config.seed, data.CIFAR_STATS, "CIFAR")
           if config.synthetic else data.load_cifar10(config)).to(config.device)
     model = data.seeded_init(config.seed, lambda: make_model(opt["arch"]), config.device)
+    if opt["channels_last"]:      # NHWC weights and activations (see tasks.mnist_cnn)
+        model.to(memory_format=torch.channels_last)
     batches = data.batch_stream(ds, config.batch_size or BATCH_SIZE, config.seed, augment=opt["augment"])
     return Problem(model=model, batches=batches, loss=lambda batch: F.cross_entropy(model(batch[0]), batch[1]),
                    evaluate=lambda: data.evaluate_classifier(model, ds, opt["eval_size"] or None, chunk=500),
@@ -83,7 +85,8 @@ def build(config: TaskConfig) -> Problem:
                    data_source=ds.source, synthetic=ds.synthetic, info={"options": opt})
 
 
-TASK = TaskSpec(name="cifar", description="CIFAR-10 ResNet-20 (0.27M params), crop+flip; options arch=resnet18, augment",
+TASK = TaskSpec(name="cifar", description="CIFAR-10 ResNet-20 (0.27M params), crop+flip; options arch=resnet18, augment, "
+                "channels_last",
                 build=build, default_steps=2000, default_batch_size=BATCH_SIZE,
                 data_source="CIFAR-10 via torchvision from the data dir (--download), or --synthetic",
                 eval_metric="val_acc", test_metric="test_acc", higher_is_better=True, target=0.6, default_eval_every=200,

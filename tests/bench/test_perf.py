@@ -236,6 +236,11 @@ def test_perf_tiny_run_writes_finite_ratios(tmp_path):
     exact = tasks[tasks["hvp_route"] == "exact"]
     assert (exact["hvp_flop_evals"] == own[exact.index].min()).all() and (own[exact.index] >= 1.0).all()
     assert meta["target_checks"] and meta["threads"] == 1 and meta["device"] == "cpu"
+    # the exact product every 40 steps is amortised over 40 steps, as its registry entry takes it
+    lazy = tasks.loc["esgd-m-lazy"]
+    assert lazy["hvp_every"] == 40 and tasks.loc["esgd-m", "hvp_every"] == pf.HVP_EVERY
+    assert lazy["amortised_ms"] == pytest.approx((39 * lazy["plain_ms"] + lazy["hvp_step_ms"]) / 40, rel=1e-6)
+    assert "lazy, 1 in 40" in "\n".join(_render(t) for t in perf_table(saved))    # as read back from perf.csv
     # the rich tables
     shown = "\n".join(_render(t) for t in perf_table(table))
     assert "mnist (eager" in shown and "parameter sweep" in shown and "esgd-m-fd" in shown
@@ -291,6 +296,7 @@ def test_a_variant_is_amortised_over_its_own_interval():
     assert s["esgd-m-lazy"]["hvp_every"] == 40 and s["adam"]["hvp_every"] == 10
     every = {v.label: v.every for v in pf.VARIANTS}
     assert every["esgd-m-lazy"] == parse_optimizer("esgd-m-lazy").spec.defaults["update_d_every"] == 40
+    assert every["esgd-m-lazy-compiled"] == 40
     assert every["esgd-m"] == every["esgd"] == every["esgd-m-pair"] == pf.HVP_EVERY
     assert pf.Variant("x", "esgd-m:update_d_every=25", "lazy").every == 25
 
