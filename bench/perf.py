@@ -20,13 +20,14 @@ not beat; ``amortised`` = (9 plain + 1 HVP) / 10, one exact product every 10 ste
 ``update_d_every=10``, after its 20-step warm-up; a variant whose entry sets another interval n, such as
 ``esgd-m-lazy``'s 40, is amortised over its own: ((n - 1) plain + 1 HVP) / n); ``floor_vs_adam`` = (9
 plain + (plain + ``hvp_flop_evals`` x forward+backward)) / 10 (over n steps likewise) against Adam's step,
-the amortised step if the product ran at the speed of a forward+backward, per round (:mod:`bench.targets` holds exact routes to it). A
-parameter-count sweep times MLPs of about 0.1 M, 1 M and 10 M parameters. Peak memory: each (task, variant) trains a few steps, HVP steps included, in a fresh
-process forked from a server that has imported torch only, after one untimed cycle (a compiled product
-compiles there); CPU: the peak resident set size (``VmHWM``) over the measured steps, and its rise above
-the size once the task (data and model) is built and a no-grad forward has loaded the kernels, i.e. the
-training state: gradients, optimizer state, activations and the HVP's graph; CUDA:
-``max_memory_allocated``, and its rise above the built task.
+the amortised step if the product ran at the speed of a forward+backward, per round (:mod:`bench.targets`
+holds exact routes to it). A parameter-count sweep times MLPs of about 0.1 M, 1 M and 10 M parameters.
+Peak memory: each (task, variant) trains a few steps, HVP steps included, in a fresh process forked
+from a server that has imported torch only, after one untimed cycle (a compiled product compiles there);
+CPU: the peak resident set size (``VmHWM``) over the measured steps, and its rise above the size once
+the task (data and model) is built and a no-grad forward has loaded the kernels, i.e. the training
+state: gradients, optimizer state, activations and the HVP's graph; CUDA: ``max_memory_allocated``, and
+its rise above the built task.
 ``--compile`` adds the same variants with the model compiled (second order by finite differences).
 On CUDA every region is timed with CUDA events.  Results: ``perf.csv`` and ``meta.json``.
 """
