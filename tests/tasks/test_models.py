@@ -39,23 +39,23 @@ def test_batchnorm_double_backward(arch: str) -> None:
 def test_channels_last_changes_the_layout_not_the_function(task: str) -> None:
     """channels_last=true stores the convolutions NHWC; in float64 the loss, the gradient and an exact
     Hessian-vector product are the channels-first model's to rounding."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        out = []
-        for last in (False, True):
-            problem = tasks.build_task(task, TaskConfig(synthetic=True, batch_size=4, options={"channels_last": last}))
-            convs = [m.weight for m in problem.model.modules() if isinstance(m, torch.nn.Conv2d)]
-            assert all(w.is_contiguous(memory_format=torch.channels_last) == last for w in convs if min(w.shape[1], w.shape[-1]) > 1)
-            params = list(problem.model.parameters())
-            loss = problem.loss(next(problem.batches))
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            probes = [torch.ones_like(p) for p in params]
-            hvps = torch.autograd.grad(grads, params, probes)
-            out.append([loss.detach(), *[g.detach() for g in grads], *hvps])
-        for a, b in zip(*out):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    out = []
+    for last in (False, True):
+        problem = tasks.build_task(task, TaskConfig(synthetic=True, batch_size=4, options={"channels_last": last}))
+        problem.model.double()           # keeps each tensor's layout
+        convs = [m.weight for m in problem.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) == last
+                   for w in convs if min(w.shape[1], w.shape[-1]) > 1)
+        params = list(problem.model.parameters())
+        x, y = next(problem.batches)
+        loss = problem.loss((x.double(), y))
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        probes = [torch.ones_like(p) for p in params]
+        hvps = torch.autograd.grad(grads, params, probes)
+        out.append([loss.detach(), *[g.detach() for g in grads], *hvps])
+    assert out[0][0].dtype == torch.float64
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_mlp_shape_and_options() -> None:
