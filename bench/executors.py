@@ -183,9 +183,12 @@ def _worker_run(index: int, cell: Cell) -> RunResult:
     return cell.run(progress=send, stop=stop.is_set)
 
 
-def process_context(preload: list[str]) -> Any:
-    """A fork server that has imported ``preload`` once (spawn where fork servers do not exist)."""
-    if "forkserver" in mp.get_all_start_methods():
+def process_context(preload: list[str], *, cuda: bool = False) -> Any:
+    """A fork server that has imported ``preload`` once (spawn where fork servers do not exist).
+
+    With ``cuda``, spawn: importing the compiler's modules can initialise CUDA in the server (it asks
+    for the device's capability), and CUDA cannot be used again in a process forked after that."""
+    if not cuda and "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(preload)
         return ctx
@@ -200,7 +203,8 @@ class Pool(Executor):
     def run(self, cells: Sequence[Cell], progress: OnProgress, result: OnResult,
             stop: Callable[[], bool] = lambda: False) -> bool:
         # torch._dynamo is imported lazily by the first optimizer constructed (seconds): once, here.
-        ctx = process_context(["bench.train", "torch._dynamo"])
+        ctx = process_context(["bench.train", "torch._dynamo"],
+                              cuda=any(torch.device(c.task_config.device).type == "cuda" for c in cells))
         queue, event = ctx.Queue(), ctx.Event()
         stopped = False
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_init_worker,

@@ -2,7 +2,8 @@
 
 A process's peak resident size depends on everything it did before, so ``esgd-bench perf`` trains each
 (task, optimizer) for a few steps, Hessian-vector-product steps included, in a process of its own forked
-from a server that has imported torch only.  On the CPU the peak is ``VmHWM`` over the measured steps, and
+from a server that has imported torch only (on CUDA, spawned: see
+:func:`bench.executors.process_context`).  On the CPU the peak is ``VmHWM`` over the measured steps, and
 ``extra_mb`` is its rise above the size once the task is built and a no-grad forward has loaded the
 kernels: the training state, i.e. gradients, optimizer state, activations and the product's graph.  On
 CUDA it is ``max_memory_allocated`` above what the built task holds.  With ``warmup`` steps, those run
@@ -85,7 +86,8 @@ def peak_memory(jobs: list[tuple[str, str, str, TaskConfig, dict[str, Any]]], st
         return {}
     # torch._dynamo is imported lazily by the first optimizer step (seconds), torch._inductor by the
     # first compiled product: preload both once, so that neither counts as a route's training state.
-    ctx = process_context(["bench.memory", "torch._dynamo", "torch._inductor.compile_fx"])
+    ctx = process_context(["bench.memory", "torch._dynamo", "torch._inductor.compile_fx"],
+                          cuda=any(torch.device(job[3].device).type == "cuda" for job in jobs))
     out = {}
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as pool:
         for key, task, spec, config, extra in jobs:

@@ -29,7 +29,8 @@ the task (data and model) is built and a no-grad forward has loaded the kernels,
 state: gradients, optimizer state, activations and the HVP's graph; CUDA: ``max_memory_allocated``, and
 its rise above the built task.
 ``--compile`` adds the same variants with the model compiled (second order by finite differences).
-On CUDA every region is timed with CUDA events.  Results: ``perf.csv`` and ``meta.json``.
+On CUDA every region is timed with CUDA events.  Results: ``perf.csv`` and ``meta.json``; a variant that
+fails in its warm-up is left out, its reason kept in ``meta.json`` (``not_measured``).
 """
 
 from __future__ import annotations
@@ -222,17 +223,39 @@ class _Trainer:
         self.route.close()
 
 
-def _measure(trainers: dict[str, _Trainer], rounds: int, warmup: int,
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
+def _warm_up(trainers: dict[str, _Trainer], warmup: int, task: str, failed: list[dict[str, str]]) -> None:
+    """Run ``warmup`` cycles of each variant.  One that fails there (a product that the installed torch
+    cannot compile, say) is taken out and added to ``failed`` with its reason in one line, so that the
+    others are still measured; Adam, which every ratio is to, may not fail."""
+    for label, t in list(trainers.items()):
+        try:
+            for _ in range(warmup):
+                t.cycle()
+        except Exception as err:   # noqa: BLE001 - any failure of one variant: one line, others measured
+            if label == "adam":       # eager Adam: every ratio is to it (a compiled copy may fail alone)
+                raise BenchError(f"perf: adam failed, and every ratio is to it ({_one_line(err)})") from None
+            failed.append({"task": task, "optimizer": label, "reason": _one_line(err)})
+            t.close()
+            del trainers[label]
+
+
+def _measure(trainers: dict[str, _Trainer], rounds: int,
              tick: Callable[[], None] | None = None) -> dict[str, list[dict[str, float]]]:
+    """Timed rounds, each one cycle of every variant, the order rotating (after :func:`_warm_up`)."""
     labels = list(trainers)
-    for label in labels:
-        for _ in range(warmup):
-            trainers[label].cycle()
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in labels}
     for r in range(rounds):
         order = labels[r % len(labels):] + labels[:r % len(labels)]
         for label in order:
-            samples[label].append(trainers[label].cycle())
+            try:
+                samples[label].append(trainers[label].cycle())
+            except Exception as err:   # noqa: BLE001 - after the warm-up, a failure ends the run in one line
+                raise (err if isinstance(err, BenchError) else
+                       BenchError(f"perf: {label} failed in a timed round ({_one_line(err)})")) from None
         if tick:
             tick()
     return samples
@@ -275,6 +298,7 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
     rows: list[dict[str, Any]] = []
     profiles: list[pd.DataFrame] = []
     memory_jobs: list[tuple[str, str, str, TaskConfig, dict[str, Any]]] = []
+    not_measured: list[dict[str, str]] = []     # variants that failed in their warm-up, with the reason
     modes = [False, True] if config.compile else [False]
     n_units = len(config.tasks) + (1 if config.widths else 0) + (1 if config.memory else 0)
     unit = 0
@@ -296,7 +320,8 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                         trainers[v.label + ("@compiled" if compiled else "")] = _Trainer(task, v, tcfg, compiled,
                                                                                          config.precision)
             rounds = config.rounds or _ROUNDS.get(task, 12)
-            samples = _measure(trainers, rounds, config.warmup_cycles + (2 if config.compile else 0))
+            _warm_up(trainers, config.warmup_cycles + (2 if config.compile else 0), task, not_measured)
+            samples = _measure(trainers, rounds)
             own_flops = {}
             for key, t in trainers.items():
                 if t.second_order and "@" not in key:     # the counter does not see inside compiled models
@@ -335,7 +360,8 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                                   options={"width": w})
                 trainers = {v.label: _Trainer("mnist", v, tcfg, False, config.precision)
                             for v in config.variants if v.label in SWEEP_VARIANTS}
-                summary = summarise(_measure(trainers, max(3, (config.rounds or 12) // 4), 1))
+                _warm_up(trainers, 1, f"mlp-{w}", not_measured)
+                summary = summarise(_measure(trainers, max(3, (config.rounds or 12) // 4)))
                 for label, s in summary.items():
                     t = trainers[label]
                     rows.append({"section": "sweep", "task": f"mlp-{w}", "mode": "eager", "optimizer": label,
@@ -363,7 +389,8 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
                        "widths": list(config.widths),
                        "variants": [dataclasses.asdict(v) for v in config.variants]},
             "method": __doc__.split("\n\n", 1)[1].strip(), "hvp_every": HVP_EVERY, "cycle": _CYCLE,
-            "targets": TARGETS, "target_checks": target_checks(table), "environment": environment(device),
+            "targets": TARGETS, "target_checks": target_checks(table), "not_measured": not_measured,
+            "environment": environment(device),
             "peak_memory": "cuda max_memory_allocated" if device == "cuda" else "cpu VmHWM in a fresh process",
             "data": "synthetic batches of the task's shape (timing does not depend on the values)",
         }

@@ -101,6 +101,6 @@ def summarise(samples: dict[str, list[dict[str, float]]], ref: str = "adam",
                 s["floor_vs_adam"] = median([(a["plain_ms"] + flop_evals[label] * a["fb_ms"] / n)
                                              / b["plain_ms"] for a, b in zip(rows, refs)])
                 s["amortised_vs_floor"] = s["amortised_vs_adam"] / s["floor_vs_adam"]
-        s["hvp_every"] = n
+        s["hvp_every"] = n if math.isfinite(s["hvp_step_ms"]) else math.nan    # none for first order
         out[label] = s
     return out

@@ -43,7 +43,10 @@ torch 2.14, a convolution after a BatchNorm inside ``torch.func``'s transforms u
 The first HVP step compiles (seconds for a small network, minutes for a ResNet on a CPU), and so does a
 batch of a new shape or another model; the instances share one compiled function, and past
 ``torch._dynamo.config.recompile_limit`` variants torch runs it eagerly, slower than the double backward.
-``compile=False`` runs the same function eagerly, to check against.
+Each shape gets a graph of its own (``dynamic=False``, unless the options say otherwise): a product's
+batch seldom changes shape, and a graph with symbolic shapes, which torch would otherwise build at the
+second shape, is where torch 2.11 on CUDA failed to compile the pass.  ``compile=False`` runs the same
+function eagerly, to check against.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ class ForwardOverReverse:
         loss_fn: called as ``loss_fn(*args, **kwargs)`` with the arguments of :meth:`backward`; returns
             the scalar loss, calling ``model`` on the way.
         compile: compile the forward-over-reverse pass with ``torch.compile`` (``True``, the point of
-            this route), with these keyword options (a dict), or run it eagerly (``False``).
+            this route), with these keyword options (a dict; ``dynamic`` defaults to ``False``), or run it
+            eagerly (``False``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], *,
@@ -114,7 +118,8 @@ class ForwardOverReverse:
         if compile is False:
             self._pass = _gradient_and_product
         else:
-            self._pass = torch.compile(_gradient_and_product, **(compile if isinstance(compile, dict) else {}))
+            self._pass = torch.compile(_gradient_and_product,
+                                       **{"dynamic": False, **(compile if isinstance(compile, dict) else {})})
         # Under CUDA graphs the pass writes its outputs into the same memory on every replay, so the
         # gradients and products kept from one call must be copies; otherwise they are the pass's own.
         options = compile if isinstance(compile, dict) else {}

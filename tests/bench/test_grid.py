@@ -134,14 +134,43 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
     run_benchmark(cfg)          # the lock goes with the first writer
 
 
-def test_parallel_jobs(tmp_path):
+@pytest.mark.parametrize("spawn", [False, True])
+def test_parallel_jobs(tmp_path, monkeypatch, spawn):
+    """Workers from the fork server, and spawned ones (what CUDA cells get): the same losses."""
+    if spawn:
+        from bench import executors
+        asked = []
+
+        def context(preload, *, cuda=False):
+            asked.append(cuda)
+            return executors.mp.get_context("spawn")
+        monkeypatch.setattr(executors, "process_context", context)
     result = run_benchmark(config(tmp_path, optimizers=["esgd-m", "adam"], seeds=1, jobs=2))
+    if spawn:
+        assert asked == [False]          # CPU cells; CUDA ones would ask for spawn themselves
     s = result.summary
     assert s["optimizer"].tolist() == ["esgd-m", "adam"] and (s["status"] == "ok").all()
     assert len(result.metrics) == 2 * STEPS and load_meta(result.out)["jobs"] == 2
     serial = train("rosenbrock", "esgd-m", seed=0, steps=STEPS)
     assert result.metrics.query("optimizer == 'esgd-m'")["loss"].tolist() == \
         pytest.approx([r["loss"] for r in serial.rows])
+
+
+def test_cuda_cells_ask_for_spawned_workers(monkeypatch):
+    from bench import executors
+    from bench.train import Cell
+    from tasks import TaskConfig
+    asked = []
+
+    def context(preload, *, cuda=False):
+        asked.append(cuda)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(executors, "process_context", context)
+    for device in ("cpu", "cuda"):
+        cell = Cell("rosenbrock", parse_optimizer("adam"), 0.1, 0, 3, task_config=TaskConfig(device=device))
+        with pytest.raises(RuntimeError, match="stop here"):
+            executors.Pool(2).run([cell], lambda *a: None, lambda *a: None)
+    assert asked == [False, True]
 
 
 @pytest.mark.parametrize("kw, fragment", [

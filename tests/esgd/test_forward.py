@@ -305,6 +305,30 @@ def test_gradients_and_products_are_copied_only_where_cuda_graphs_reuse_the_outp
     assert fr._outputs_reused is reused
 
 
+@pytest.mark.parametrize("options,symbolic", [(True, False), ({"dynamic": None}, True)])
+def test_each_batch_shape_gets_a_static_graph_unless_the_options_say_otherwise(options, symbolic):
+    """By default a second batch shape compiles a graph of its own rather than one with symbolic sizes."""
+    torch._dynamo.reset()               # the compiled function is shared: start from no cached graphs
+    graphs = []
+
+    def backend(gm, example_inputs):    # records what was compiled, runs it as traced
+        graphs.append(gm)
+        return gm.forward
+    model = nn.Linear(3, 2).double()
+    opt = esgd.ESGD(model.parameters(), lr=0.1, d_warmup=5, generator=torch.Generator().manual_seed(0))
+    fr = ForwardOverReverse(model, lambda x: (model(x) ** 3).sum(),
+                            compile={**(options if isinstance(options, dict) else {}), "backend": backend})
+    for rows in (4, 6, 8):
+        opt.zero_grad(set_to_none=True)
+        fr.backward(opt, torch.randn(rows, 3, dtype=torch.float64))
+        opt.step()
+    values = [n.meta.get("example_value") for g in graphs for n in g.graph.nodes if n.op == "placeholder"]
+    sizes = [d for v in values if isinstance(v, torch.Tensor) for d in v.shape] + values
+    assert len(graphs) >= 2
+    assert any(isinstance(d, torch.SymInt) for d in sizes) is symbolic
+    torch._dynamo.reset()
+
+
 def test_a_pair_under_reused_outputs_keeps_each_halfs_products():
     """Where CUDA graphs write every pass's outputs into the same memory, the first half's products
     must be copied before the second pass: simulated with a pass that returns the same tensors."""
