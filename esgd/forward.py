@@ -41,9 +41,9 @@ torch 2.14, a convolution after a BatchNorm inside ``torch.func``'s transforms u
 (the convolution's input is left in float32), which is reported as one ``RuntimeError``.
 
 The first HVP step compiles (seconds for a small network, minutes for a ResNet on a CPU), and so does a
-batch of a new shape or another model; the instances share one compiled function, and past
-``torch._dynamo.config.recompile_limit`` variants torch runs it eagerly, slower than the double backward.
-Each shape gets a graph of its own (``dynamic=False``, unless the options say otherwise): a product's
+batch of a new shape or another model; the instances for one model class share one compiled function,
+and past ``torch._dynamo.config.recompile_limit`` variants of it (8 by default) torch runs it eagerly,
+slower than the double backward.  Each shape gets a graph of its own (``dynamic=False``, unless the options say otherwise): a product's
 batch seldom changes shape, and a graph with symbolic shapes, which torch would otherwise build at the
 second shape, is where torch 2.11 on CUDA failed to compile the pass.  ``compile=False`` runs the same
 function eagerly, to check against.
@@ -51,6 +51,7 @@ function eagerly, to check against.
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import torch
@@ -93,6 +94,20 @@ def _gradient_and_product(module: nn.Module, params: dict[str, torch.Tensor], bu
     return loss, g, hz, moved
 
 
+_PASSES: dict[type, Callable[..., tuple]] = {}
+
+
+def _pass_for(model_class: type) -> Callable[..., tuple]:
+    """The pass, as a function of its own for each model class.  torch keeps compiled graphs per code
+    object, at most ``recompile_limit`` of them, and every model class and batch shape takes one: a
+    process that compiles several models (``esgd-bench perf --task all``) would otherwise run the later
+    ones eagerly, and slowly, without a word."""
+    if model_class not in _PASSES:
+        code = _gradient_and_product.__code__.replace(co_name=f"_gradient_and_product_{model_class.__name__}")
+        _PASSES[model_class] = types.FunctionType(code, _gradient_and_product.__globals__, code.co_name)
+    return _PASSES[model_class]
+
+
 class ForwardOverReverse:
     """The loss, its gradient and, on HVP steps, the exact product ``H z``, in place of ``backward()``.
 
@@ -118,7 +133,7 @@ class ForwardOverReverse:
         if compile is False:
             self._pass = _gradient_and_product
         else:
-            self._pass = torch.compile(_gradient_and_product,
+            self._pass = torch.compile(_pass_for(type(model)),
                                        **{"dynamic": False, **(compile if isinstance(compile, dict) else {})})
         # Under CUDA graphs the pass writes its outputs into the same memory on every replay, so the
         # gradients and products kept from one call must be copies; otherwise they are the pass's own.

@@ -329,6 +329,33 @@ def test_each_batch_shape_gets_a_static_graph_unless_the_options_say_otherwise(o
     torch._dynamo.reset()
 
 
+def test_each_model_class_has_its_own_compiled_pass_within_the_recompile_limit():
+    """With a limit of two graphs per function, two classes at two batch shapes each all compile: the
+    limit counts per class, so a process that compiles several models does not fall back to eager."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    class Other(nn.Linear):
+        pass
+
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for model in (nn.Linear(3, 2).double(), Other(3, 2).double()):
+            opt = esgd.ESGD(model.parameters(), lr=0.1, d_warmup=5, generator=torch.Generator().manual_seed(0))
+            fr = ForwardOverReverse(model, lambda x, m=model: (m(x) ** 3).sum(), compile={"backend": backend})
+            for rows in (4, 6):
+                opt.zero_grad(set_to_none=True)
+                fr.backward(opt, torch.randn(rows, 3, dtype=torch.float64))
+                opt.step()
+    assert len(graphs) == 4
+    assert esgd.forward._pass_for(nn.Linear) is esgd.forward._pass_for(nn.Linear)      # one per class
+    assert esgd.forward._pass_for(nn.Linear).__code__ is not esgd.forward._pass_for(Other).__code__
+    torch._dynamo.reset()
+
+
 def test_a_pair_under_reused_outputs_keeps_each_halfs_products():
     """Where CUDA graphs write every pass's outputs into the same memory, the first half's products
     must be copied before the second pass: simulated with a pass that returns the same tensors."""
