@@ -43,10 +43,10 @@ torch 2.14, a convolution after a BatchNorm inside ``torch.func``'s transforms u
 The first HVP step compiles (seconds for a small network, minutes for a ResNet on a CPU), and so does a
 batch of a new shape or another model; the instances for one model class share one compiled function,
 and past ``torch._dynamo.config.recompile_limit`` variants of it (8 by default) torch runs it eagerly,
-slower than the double backward.  Each shape gets a graph of its own (``dynamic=False``, unless the options say otherwise): a product's
-batch seldom changes shape, and a graph with symbolic shapes, which torch would otherwise build at the
-second shape, is where torch 2.11 on CUDA failed to compile the pass.  ``compile=False`` runs the same
-function eagerly, to check against.
+slower than the double backward.  Each shape gets a graph of its own (``dynamic=False``, unless the
+options say otherwise): a product's batch seldom changes shape, and a graph with symbolic shapes, which
+torch would otherwise build at the second shape, is where torch 2.11 on CUDA failed to compile the
+pass.  ``compile=False`` runs the same function eagerly, to check against.
 """
 
 from __future__ import annotations
