@@ -228,9 +228,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def _warm_up(trainers: dict[str, _Trainer], warmup: int, task: str, failed: list[dict[str, str]]) -> None:
-    """Run ``warmup`` cycles of each variant.  One that fails there (a product that the installed torch
-    cannot compile, say) is taken out and added to ``failed`` with its reason in one line, so that the
-    others are still measured; Adam, which every ratio is to, may not fail."""
+    """Run ``warmup`` cycles of each variant; one that fails (a product the installed torch cannot compile,
+    say) is taken out, its one-line reason added to ``failed``, and the others measured; Adam may not fail."""
     for label, t in list(trainers.items()):
         try:
             for _ in range(warmup):
@@ -398,6 +397,7 @@ def run_perf(config: PerfConfig, *, argv: Sequence[str] | None = None,
         if profiles:
             write_csv(pd.concat(profiles, ignore_index=True), out / "profile.csv")
         write_json(meta, out / "meta.json")
+        table.attrs["not_measured"] = not_measured
         return table
 
     write()      # the timings are kept even if a memory probe fails
